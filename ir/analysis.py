@@ -1,0 +1,248 @@
+"""Analyses over the graph: shape inference, FLOPs/MACs, parameter counts, model bytes.
+
+Analyses are pure functions of the graph, cached on ``graph.version`` (every mutation
+bumps it) so a pass that changes nothing does not pay for recomputation.
+
+Shape inference lowers to ONNX and runs ``onnx.shape_inference`` (with data propagation)
+-- the reference implementation of every op's shape function -- then writes the inferred
+types back onto the IR values. Symbolic dims (``"N"``) are counted as 1 in FLOPs: FLOPs are
+per sample when the batch dim is symbolic.
+
+Per-op FLOP rules live in the :data:`FLOP_RULES` table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .graph import Graph, Node, Value
+
+log = logging.getLogger("nnsculpt.ir")
+
+
+def _cached(g: Graph, key: str, fn: Callable[[], object]):
+    cache = g.meta.setdefault("_analysis_cache", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == g.version:
+        return hit[1]
+    val = fn()
+    cache[key] = (g.version, val)
+    return val
+
+
+# --------------------------------------------------------------------------- shapes
+def infer_shapes(g: Graph) -> Graph:
+    """Fill ``dtype``/``shape`` of every value that ONNX shape inference can determine."""
+
+    def run():
+        import onnx
+
+        from .onnx_io import _type_of, to_onnx_model
+
+        model = to_onnx_model(g, check=False, value_info=False)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except Exception as e:  # best effort: keep what we have
+            log.warning("shape inference failed on '%s': %s", g.name, e)
+            return True
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+            v = g.values.get(vi.name)
+            if v is None or v.is_const:
+                continue
+            dt, shape = _type_of(vi)
+            if dt is not None:
+                v.dtype = dt
+            if shape is not None:
+                v.shape = shape
+        return True
+
+    _cached(g, "shapes", run)  # writing inferred types does not bump the version
+    return g
+
+
+def static_dims(shape, symbolic_as: int = 1) -> list[int] | None:
+    if shape is None:
+        return None
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif d is None or isinstance(d, str):
+            out.append(symbolic_as)
+    return out
+
+
+def _numel(v: Value | None) -> int:
+    if v is None:
+        return 0
+    dims = static_dims(v.shape)
+    return int(np.prod(dims)) if dims is not None else 0
+
+
+def channels(v: Value, axis: int = 1) -> int | None:
+    """Static channel count of ``v`` along ``axis`` (``None`` if unknown)."""
+    if v.shape is None or len(v.shape) <= axis:
+        return None
+    d = v.shape[axis]
+    return d if isinstance(d, int) else None
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def _conv(n: Node) -> tuple[int, int]:
+    w, y = n.inputs[1], n.outputs[0]
+    if w is None or w.shape is None:
+        return 0, 0
+    k = int(np.prod(static_dims(w.shape[2:]) or [1]))
+    cin_per_group = static_dims(w.shape)[1]
+    macs = _numel(y) * cin_per_group * k
+    bias = _numel(y) if len(n.inputs) > 2 and n.inputs[2] is not None else 0
+    return macs, 2 * macs + bias
+
+
+def _conv_t(n: Node) -> tuple[int, int]:
+    x, w = n.inputs[0], n.inputs[1]
+    if w is None or w.shape is None:
+        return 0, 0
+    k = int(np.prod(static_dims(w.shape[2:]) or [1]))
+    cout_per_group = static_dims(w.shape)[1]
+    macs = _numel(x) * cout_per_group * k
+    bias = _numel(n.outputs[0]) if len(n.inputs) > 2 and n.inputs[2] is not None else 0
+    return macs, 2 * macs + bias
+
+
+def _gemm(n: Node) -> tuple[int, int]:
+    a, b = n.inputs[0], n.inputs[1]
+    y = n.outputs[0]
+    if a is None or a.shape is None or b is None or b.shape is None:
+        return 0, 0
+    ad = static_dims(a.shape)
+    k = ad[0] if n.attrs.get("transA", 0) else ad[-1]
+    macs = _numel(y) * k
+    bias = _numel(y) if len(n.inputs) > 2 and n.inputs[2] is not None else 0
+    return macs, 2 * macs + bias
+
+
+def _matmul(n: Node) -> tuple[int, int]:
+    a = n.inputs[0]
+    if a is None or a.shape is None or not a.shape:
+        return 0, 0
+    k = static_dims(a.shape)[-1]
+    macs = _numel(n.outputs[0]) * k
+    return macs, 2 * macs
+
+
+def _elementwise(factor: int = 1):
+    def rule(n: Node) -> tuple[int, int]:
+        return 0, factor * sum(_numel(o) for o in n.outputs)
+    return rule
+
+
+def _pool(n: Node) -> tuple[int, int]:
+    k = int(np.prod(n.attrs.get("kernel_shape", [1])))
+    return 0, _numel(n.outputs[0]) * k
+
+
+def _global_pool(n: Node) -> tuple[int, int]:
+    return 0, _numel(n.inputs[0])
+
+
+def _reduce(n: Node) -> tuple[int, int]:
+    return 0, _numel(n.inputs[0])
+
+
+def _bn(n: Node) -> tuple[int, int]:
+    return 0, 2 * _numel(n.outputs[0])
+
+
+def _zero(n: Node) -> tuple[int, int]:
+    return 0, 0
+
+
+#: op_type -> rule(node) -> (MACs, FLOPs). Ops not listed count as data movement (0).
+FLOP_RULES: dict[str, Callable[[Node], tuple[int, int]]] = {
+    "Conv": _conv, "ConvInteger": _conv, "QLinearConv": _conv,
+    "ConvTranspose": _conv_t,
+    "Gemm": _gemm,
+    "MatMul": _matmul, "MatMulInteger": _matmul, "QLinearMatMul": _matmul,
+    "BatchNormalization": _bn, "InstanceNormalization": _elementwise(4),
+    "LayerNormalization": _elementwise(5), "GroupNormalization": _elementwise(5),
+    "Add": _elementwise(), "Sub": _elementwise(), "Mul": _elementwise(), "Div": _elementwise(),
+    "Relu": _elementwise(), "LeakyRelu": _elementwise(2), "PRelu": _elementwise(2),
+    "Clip": _elementwise(), "Sigmoid": _elementwise(4), "Tanh": _elementwise(4),
+    "HardSigmoid": _elementwise(3), "HardSwish": _elementwise(4), "Gelu": _elementwise(8),
+    "Erf": _elementwise(4), "Exp": _elementwise(), "Sqrt": _elementwise(), "Pow": _elementwise(),
+    "Softmax": _elementwise(3), "LogSoftmax": _elementwise(4),
+    "MaxPool": _pool, "AveragePool": _pool,
+    "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
+    "ReduceMean": _reduce, "ReduceSum": _reduce, "ReduceMax": _reduce,
+    "Reshape": _zero, "Flatten": _zero, "Transpose": _zero, "Concat": _zero, "Split": _zero,
+}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op_type: str
+    source: str
+    macs: int
+    flops: int
+    params: int
+    output_shape: tuple | None
+
+
+@dataclass
+class GraphStats:
+    """Whole-graph summary, as recorded by the PassManager before/after every pass."""
+
+    nodes: int
+    params: int
+    flops: int
+    macs: int
+    weight_bytes: int
+    model_bytes: int
+    op_histogram: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"nodes": self.nodes, "params": self.params, "flops": self.flops, "macs": self.macs,
+                "weight_bytes": self.weight_bytes, "model_bytes": self.model_bytes,
+                "op_histogram": dict(sorted(self.op_histogram.items()))}
+
+
+def node_costs(g: Graph) -> list[NodeCost]:
+    """Per-node MACs, FLOPs and parameter counts (constant float inputs)."""
+
+    def run():
+        infer_shapes(g)
+        out = []
+        for n in g.nodes:
+            rule = FLOP_RULES.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+            macs, flops = rule(n) if rule else (0, 0)
+            params = sum(int(v.const.size) for v in n.inputs
+                         if v is not None and v.is_const and v.const.dtype.kind == "f")
+            y = n.outputs[0] if n.outputs else None
+            out.append(NodeCost(n.name, n.op_type, n.source, int(macs), int(flops), params,
+                                None if y is None else y.shape))
+        return out
+
+    return _cached(g, "node_costs", run)
+
+
+def graph_stats(g: Graph) -> GraphStats:
+    def run():
+        costs = node_costs(g)
+        hist: dict[str, int] = {}
+        for n in g.nodes:
+            key = n.op_type if not n.domain else f"{n.domain}::{n.op_type}"
+            hist[key] = hist.get(key, 0) + 1
+        from .onnx_io import to_onnx_model
+
+        model_bytes = len(to_onnx_model(g, check=False).SerializeToString())
+        return GraphStats(nodes=len(g.nodes), params=g.param_count(),
+                          flops=sum(c.flops for c in costs), macs=sum(c.macs for c in costs),
+                          weight_bytes=g.weight_bytes(), model_bytes=model_bytes, op_histogram=hist)
+
+    return _cached(g, "graph_stats", run)

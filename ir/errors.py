@@ -1,0 +1,42 @@
+"""Named errors. Every user-facing failure is one of these, with a message that says
+which file / node / op / option is wrong."""
+
+
+class NNSculptError(Exception):
+    """Base class of all nnsculpt errors (the CLI prints ``ClassName: message``)."""
+
+
+class IRError(NNSculptError):
+    """The IR was used inconsistently (a bug in a pass or a malformed graph)."""
+
+
+class VerificationError(IRError):
+    """The verifier found a broken invariant; the message lists the offending nodes."""
+
+
+class ModelLoadError(NNSculptError):
+    """A model file could not be read: missing, truncated, not ONNX, or invalid."""
+
+
+class UnsupportedOpError(NNSculptError):
+    """An op cannot be handled by this lowering/frontend (names the node and op)."""
+
+
+class PipelineError(NNSculptError):
+    """A pipeline string or recipe is malformed."""
+
+
+class UnknownPassError(PipelineError):
+    """A pipeline names a pass that is not registered."""
+
+
+class PassOptionError(PipelineError):
+    """A pass option is unknown or has a bad value."""
+
+
+class InputDataError(NNSculptError):
+    """Input data (.npz) does not match the model: missing input, wrong dtype/shape."""
+
+
+class NumericsError(NNSculptError):
+    """A pass changed the model outputs beyond the allowed tolerance."""

@@ -1,0 +1,257 @@
+"""Pass base class, typed options, the registry and the pass context.
+
+A pass is one class in one file::
+
+    @register
+    class DeadCodeElimination(Pass):
+        '''Remove nodes whose outputs nobody uses. (first line = summary)
+
+        Rewrite rules: ...
+        Preconditions: ...
+        '''
+        name = "dce"
+        exact = True            # outputs unchanged (the PassManager checks it)
+
+        @dataclass
+        class Options:
+            keep_unused_inputs: bool = True
+
+        def run(self, graph, ctx) -> bool:   # True when the graph changed
+            ...
+
+Options are a dataclass; pipeline strings (``dce{keep_unused_inputs=false}``) are parsed
+against its field types (int, float, bool, str, Literal[...] choices, lists) and a bad
+name or value raises :class:`PassOptionError` naming the pass and option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping
+
+import numpy as np
+
+from ..ir.errors import PassOptionError, UnknownPassError
+from ..ir.graph import Graph, Node, mark_changed
+
+log = logging.getLogger("nnsculpt.passes")
+
+
+@dataclass
+class PassContext:
+    """What a pass may need beyond the graph.
+
+    ``calib_data``: named sample inputs (arrays with a batch dim) for data-driven passes;
+    ``seed``: for anything random; ``notes``: per-pass messages collected into the report
+    (e.g. "left node X alone: unknown op"). ``extra`` is free-form for pass families.
+    """
+
+    calib_data: dict[str, np.ndarray] | None = None
+    seed: int = 0
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    current_pass: str = ""
+
+    def note(self, message: str) -> None:
+        """Record a message for the running pass (it lands in report.json)."""
+        self.notes.setdefault(self.current_pass or "?", []).append(message)
+        log.info("[%s] %s", self.current_pass, message)
+
+
+class Pass:
+    """Base class of every pass. Subclasses set ``name``, ``Options`` and ``run``."""
+
+    name: ClassVar[str] = ""
+    #: exact passes must not change outputs (≤1e-5 relative); lossy ones report drift
+    exact: ClassVar[bool] = True
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, **options: Any):
+        self.options = self.Options(**_coerce_options(self, options))
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> bool:
+        ctx = ctx or PassContext()
+        prev = ctx.current_pass
+        ctx.current_pass = self.name
+        try:
+            return bool(self.run(graph, ctx))
+        finally:
+            ctx.current_pass = prev
+
+    # helpers for subclasses
+    def changed(self, node: Node) -> Node:
+        """Stamp provenance: this pass created/changed ``node``."""
+        mark_changed(node, self.name)
+        return node
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def option_specs(cls) -> list[tuple[str, str, Any]]:
+        """``(name, type-string, default)`` for every option."""
+        hints = typing.get_type_hints(cls.Options)
+        out = []
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out.append((f.name, _type_name(hints.get(f.name, str)), default))
+        return out
+
+    def describe(self) -> str:
+        opts = ",".join(f"{k}={_fmt(v)}" for k, v in dataclasses.asdict(self.options).items())
+        return f"{self.name}{{{opts}}}" if opts else self.name
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(t))
+    if origin in (list, tuple):
+        args = typing.get_args(t)
+        return f"list[{_type_name(args[0]) if args else 'str'}]"
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        return " | ".join(_type_name(a) for a in typing.get_args(t) if a is not type(None)) + " (optional)"
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce_options(p: Pass, options: Mapping[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(p.Options)
+    known = {f.name for f in dataclasses.fields(p.Options)}
+    out = {}
+    for k, v in options.items():
+        key = k.replace("-", "_")
+        if key not in known:
+            raise PassOptionError(f"pass '{p.name}': unknown option '{k}' (options: {', '.join(sorted(known)) or 'none'})")
+        out[key] = coerce_value(p.name, key, v, hints.get(key, str))
+    return out
+
+
+def coerce_value(pass_name: str, key: str, value: Any, t: Any) -> Any:
+    """Convert ``value`` (often a string from a pipeline) to type ``t`` or raise PassOptionError."""
+    def bad(why: str = ""):
+        return PassOptionError(f"pass '{pass_name}': option '{key}' has bad value {value!r}: expected "
+                               f"{_type_name(t)}{' (' + why + ')' if why else ''}")
+
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce_value(pass_name, key, value, a)
+            except PassOptionError as e:
+                errs.append(e)
+        raise bad()
+    if origin is Literal:
+        for a in args:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise bad(f"one of {', '.join(map(str, args))}")
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("[") and s.endswith("]"):
+                s = s[1:-1]
+            items = [x.strip() for x in s.replace(";", ",").split(",") if x.strip()] if s else []
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        return [coerce_value(pass_name, key, x, inner) for x in items]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise bad("true or false")
+    if t is int:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+        if not np.isfinite(f) or f != int(f):
+            raise bad("an integer")
+        return int(f)
+    if t is float:
+        if isinstance(value, bool):
+            raise bad()
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad() from None
+        if not np.isfinite(f):
+            raise bad("a finite number")
+        return f
+    if t is str:
+        if isinstance(value, str):
+            return value.strip().strip('"').strip("'")
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------- registry
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: add a pass to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise ValueError(f"pass name '{cls.name}' registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> type[Pass]:
+    from . import _load_builtin_passes
+
+    _load_builtin_passes()
+    try:
+        return PASSES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, PASSES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UnknownPassError(f"unknown pass '{name}'{hint}; registered passes: {', '.join(sorted(PASSES))}") from None
+
+
+def list_passes() -> list[type[Pass]]:
+    from . import _load_builtin_passes
+
+    _load_builtin_passes()
+    return [PASSES[k] for k in sorted(PASSES)]
