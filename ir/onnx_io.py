@@ -349,7 +349,7 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(v.name, elem, shape)
 
 
-def to_onnx_model(graph: Graph, *, check: bool = True, value_info: bool = True) -> onnx.ModelProto:
+def to_onnx_model(graph: Graph, *, check: bool = True, value_info: bool = False) -> onnx.ModelProto:
     """Lower a :class:`Graph` to an ``onnx.ModelProto`` (validated by onnx.checker).
 
     The output is deterministic: nodes in the graph's (topological) order, attributes
@@ -371,7 +371,7 @@ def to_onnx_model(graph: Graph, *, check: bool = True, value_info: bool = True) 
         if n.doc_string:
             np_.doc_string = n.doc_string
         nodes.append(np_)
-    inits = [numpy_helper.from_array(np.ascontiguousarray(v.const), v.name)
+    inits = [numpy_helper.from_array(np.asarray(v.const, order="C"), v.name)
              for v in graph.initializers.values()]
     inputs = [_value_info(v) for v in graph.inputs]
     outputs = [_value_info(v) for v in graph.outputs]

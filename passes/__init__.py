@@ -12,24 +12,27 @@ import importlib
 
 from .base import PASSES, Pass, PassContext, get_pass, list_passes, register
 
-#: modules holding the built-in passes (imported lazily on first registry lookup)
-BUILTIN_PASS_MODULES = (
-    "dce",
-    "fold_constants",
-    "fold_bn",
-    "eliminate_identity",
-    "canonicalize",
-)
+#: infrastructure modules of this package; every other public module defines passes
+_INFRA_MODULES = {"base", "pipeline", "manager"}
 
 _loaded = False
 
 
+def builtin_pass_modules() -> list[str]:
+    """Names of the modules in this package that define passes (one pass per file)."""
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                  if not m.name.startswith("_") and m.name not in _INFRA_MODULES)
+
+
 def _load_builtin_passes() -> None:
+    """Import every pass module once, so their ``@register`` decorators run."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in BUILTIN_PASS_MODULES:
+    for mod in builtin_pass_modules():
         importlib.import_module(f"{__name__}.{mod}")
 
 

@@ -33,11 +33,10 @@ def load_zoo(name: str, *, pretrained: bool | None = None) -> Graph:
     from ..ir import from_torch
 
     try:
-        has_ckpt = models.has_checkpoint(name) if hasattr(models, "has_checkpoint") else False
-        use_pretrained = has_ckpt if pretrained is None else pretrained
+        use_pretrained = (models.checkpoint_path(name) is not None) if pretrained is None else pretrained
         module = models.get_model(name, pretrained=use_pretrained)
-    except KeyError as e:
-        raise ModelLoadError(f"zoo:{name}: {e.args[0] if e.args else e}") from None
+    except KeyError as e:  # UnknownModelError
+        raise ModelLoadError(f"zoo:{name}: {e}") from None
     g = from_torch(module, models.example_inputs(name, batch=1), input_names=list(models.input_names(name)),
                    output_names=list(models.output_names(name)), name=name)
     g.meta["zoo"] = name

@@ -1,0 +1,124 @@
+"""The CLI as a user runs it: every command, named errors, no half-written output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from nnsculpt.runtime.cli import main
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    p = subprocess.run([sys.executable, "-m", "nnsculpt.runtime.cli", *args], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_help_lists_commands():
+    rc, out, _ = cli("--help")
+    assert rc == 0
+    for c in ("inspect", "compile", "compare", "bench", "passes"):
+        assert c in out
+
+
+def test_inspect(small_onnx, capsys):
+    assert main(["inspect", str(small_onnx)]) == 0
+    out = capsys.readouterr().out
+    assert "params" in out and "FLOPs" in out and "BatchNormalization" in out and "input: float32 [N,3,16,16]" in out
+    assert main(["inspect", str(small_onnx), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["params"] > 0 and data["layers"][0]["op_type"] == "Conv"
+
+
+def test_compile_report_and_determinism(small_onnx, tmp_path, capsys):
+    out1, out2 = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    args = ["compile", str(small_onnx), "-p", "fold-bn,canonicalize,eliminate-identity,dce"]
+    assert main(args + ["-o", str(out1), "--report", str(tmp_path / "rep"), "--verify", "--print-ir-after-all"]) == 0
+    assert main(args + ["-o", str(out2)]) == 0
+    assert out1.read_bytes() == out2.read_bytes()
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [p["name"] for p in rep["passes"]] == ["fold-bn", "canonicalize", "eliminate-identity", "dce"]
+    assert rep["numerics"]["max_rel"] <= 1e-5
+    assert (tmp_path / "rep" / "ir" / "01-fold-bn.ir.txt").exists()
+    m = onnx.load(str(out1))
+    onnx.checker.check_model(m)
+    assert not any(n.op_type == "BatchNormalization" for n in m.graph.node)
+    assert [o.name for o in m.graph.output] == ["logits"]
+
+
+def test_compile_from_recipe(small_onnx, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[pass]]\nname = "fold-bn"\n[[pass]]\nname = "dce"\n')
+    assert main(["compile", str(small_onnx), "-p", str(recipe), "-o", str(tmp_path / "o.onnx")]) == 0
+
+
+def test_compare_and_bench(small_onnx, tmp_path, capsys):
+    folded = tmp_path / "f.onnx"
+    assert main(["compile", str(small_onnx), "-p", "fold-bn,dce", "-o", str(folded)]) == 0
+    capsys.readouterr()
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=x, labels=np.zeros(4))
+    assert main(["compare", str(small_onnx), str(folded), "--inputs", str(tmp_path / "in.npz"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["logits"]["max_rel"] <= 1e-5 and res["logits"]["top1_agreement"] == 1.0
+    assert main(["bench", str(small_onnx), str(folded), "--runs", "5", "--warmup", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res) == 2 and all(r["median_ms"] > 0 and r["bytes"] > 0 for r in res)
+
+
+def test_passes_command(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "fold-bn" in out and "dce" in out and "[exact]" in out
+
+
+def _assert_error(rc, err, *needles):
+    assert rc == 2
+    line = err.strip().splitlines()
+    assert len(line) == 1, err
+    assert line[0].startswith("nnsculpt: error: ")
+    for n in needles:
+        assert n in line[0], line[0]
+
+
+def test_bad_inputs_named_errors_and_no_output(small_onnx, tmp_path):
+    out = tmp_path / "out.onnx"
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(small_onnx.read_bytes()[:300])
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello, I am not a model\n")
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((2, 3, 16, 16), np.float32))
+    cases = [
+        (["compile", str(trunc), "-p", "dce", "-o", str(out)], ("ModelLoadError", "trunc.onnx")),
+        (["compile", str(text), "-p", "dce", "-o", str(out)], ("ModelLoadError", "notes.onnx")),
+        (["compile", str(small_onnx), "-p", "dce,fold-bm", "-o", str(out)], ("UnknownPassError", "fold-bm")),
+        (["compile", str(small_onnx), "-p", "fold-constants{max_elements=lots}", "-o", str(out)],
+         ("PassOptionError", "max_elements")),
+        (["compile", str(small_onnx), "-p", "dce", "-o", str(out), "--calib-data", str(tmp_path / "wrong.npz")],
+         ("InputDataError", "missing input 'input'", "wrong.npz")),
+        (["compare", str(small_onnx), str(small_onnx), "--inputs", str(tmp_path / "wrong.npz")],
+         ("InputDataError", "missing input 'input'")),
+        (["inspect", str(tmp_path / "nope.onnx")], ("ModelLoadError", "no such file")),
+        (["inspect", "zoo:nope"], ("ModelLoadError", "unknown zoo model 'nope'")),
+    ]
+    for args, needles in cases:
+        rc, _, err = cli(*args)
+        _assert_error(rc, err, *needles)
+        assert not out.exists()
+        assert not list(tmp_path.glob(".out.onnx.tmp*"))
+
+
+def test_zoo_compile_main_job(tmp_path):
+    """The README's main job, on the bundled trained checkpoint."""
+    out = tmp_path / "digits.onnx"
+    rc, stdout, err = cli("compile", "zoo:digits_resnet", "-p", "fold-bn,canonicalize,eliminate-identity,dce",
+                          "-o", str(out), "--report", str(tmp_path / "rep"), "--verify")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["frontend"] == "torch.fx"
+    assert rep["summary"]["nodes"]["after"] < rep["summary"]["nodes"]["before"]
+    assert rep["numerics"]["max_rel"] <= 1e-5
