@@ -355,6 +355,10 @@ class Graph:
         if old is new:
             return
         self._ensure_known(new)
+        captured_by = [n.name for n, i in old._uses if i == -1]
+        if captured_by and new.name != old.name:
+            raise IRError(f"cannot replace '{old.name}' with '{new.name}': subgraphs of {captured_by} read it "
+                          "by name (rename instead, or leave the region alone)")
         for node, idx in list(old._uses):
             if idx == -1:
                 node._implicit[node._implicit.index(old)] = new
@@ -444,11 +448,37 @@ class Graph:
         return iter(self.values.values())
 
     def copy(self) -> "Graph":
-        """A deep copy (weights copied too)."""
-        import copy
+        """A deep copy (weights copied too), built by walking the graph (no recursion)."""
+        import copy as _copy
 
-        g = copy.deepcopy(self)
-        g.meta.pop("_node_names", None)
+        g = Graph(self.name)
+        g.opset_imports = dict(self.opset_imports)
+        g.ir_version, g.producer_name, g.producer_version = self.ir_version, self.producer_name, self.producer_version
+        g.metadata, g.doc_string = dict(self.metadata), self.doc_string
+        g.functions = list(self.functions)
+        g.meta = {k: _copy.deepcopy(v) for k, v in self.meta.items() if not k.startswith("_")}
+        vmap: dict[int, Value] = {}
+
+        def clone(v: Value) -> Value:
+            nv = Value(v.name, v.dtype, v.shape, const=None if v.const is None else v.const.copy())
+            nv.meta = _copy.deepcopy(v.meta)
+            vmap[id(v)] = nv
+            return nv
+
+        for v in self.inputs:
+            g.inputs.append(g._register_value(clone(v)))
+        for name, v in self.initializers.items():
+            g.initializers[name] = g._register_value(clone(v))
+        for n in self.nodes:
+            outs = [clone(o) for o in n.outputs]
+            nn_ = Node(n.op_type, [None if i is None else vmap[id(i)] for i in n.inputs], outs,
+                       _copy.deepcopy(n.attrs), name=n.name, domain=n.domain, meta=_copy.deepcopy(n.meta))
+            nn_.attr_types = dict(n.attr_types)
+            nn_.doc_string = n.doc_string
+            nn_._implicit = [vmap[id(v)] for v in n.implicit_inputs]
+            g.insert_node(nn_)
+        g.outputs = [vmap[id(v)] for v in self.outputs]
+        g.version = 0
         return g
 
     def __repr__(self) -> str:  # pragma: no cover

@@ -114,6 +114,7 @@ def from_onnx_model(model: onnx.ModelProto, _infer: bool = True) -> Graph:
         except Exception as e:
             raise ModelLoadError(f"model '{model.graph.name}' has opset {opset} < {MIN_OPSET} and could not "
                                  f"be upgraded: {e}") from None
+    original_nodes = list(model.graph.node)  # subgraphs are carried exactly as given (no inferred value_info)
     if _infer:
         try:
             model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
@@ -180,7 +181,7 @@ def from_onnx_model(model: onnx.ModelProto, _infer: bool = True) -> Graph:
                 g._register_value(v)
                 g.initializers[v.name] = v
                 continue
-        attrs, attr_types = _read_attrs(n)
+        attrs, attr_types = _read_attrs(original_nodes[idx] if len(original_nodes) == len(mg.node) else n)
         outs = []
         for o in n.output:
             dt, shape = types.get(o, (None, None))

@@ -182,3 +182,21 @@ def test_unknown_domain_op_carried():
         out.graph.node[1].op_type == "FancyOp" and out.graph.node[1].domain == "com.example"
         and sorted((a.name, helper.get_attribute_value(a)) for a in out.graph.node[1].attribute)
         == sorted((a.name, helper.get_attribute_value(a)) for a in m.graph.node[1].attribute))
+
+
+def test_copy_is_deep_and_independent():
+    g = from_onnx(_if_model())
+    c = g.copy()
+    verify(c)
+    c.initializers["bias"].set_const(np.zeros(2, np.float32))
+    c.remove_node(c.find("If")[0], force=True)
+    assert g.find("If") and g.initializers["bias"].const[0] == 1.5
+    assert [n.name for n in g.copy().nodes] == [n.name for n in g.nodes]
+
+
+def test_replace_refuses_to_break_subgraph_captures():
+    g = from_onnx(_if_model())
+    x = g.inputs[0]
+    r = g.add_node("Relu", [x], name="r")
+    with pytest.raises(IRError, match="subgraphs of"):
+        g.replace_all_uses_with(x, r.outputs[0])
