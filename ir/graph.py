@@ -408,6 +408,13 @@ class Graph:
 
     def topological_sort(self) -> None:
         """Reorder ``nodes`` topologically, stable w.r.t. the current order."""
+        out = self.topological_order()
+        if out != self.nodes:
+            self.nodes = out
+            self._touch()
+
+    def topological_order(self) -> list[Node]:
+        """The nodes in topological order (stable w.r.t. the current order); no mutation."""
         order = {id(n): i for i, n in enumerate(self.nodes)}
         indeg: dict[int, int] = {}
         succ: dict[int, list[Node]] = {id(n): [] for n in self.nodes}
@@ -432,9 +439,7 @@ class Graph:
         if len(out) != len(self.nodes):
             cyc = [n.name for n in self.nodes if indeg[id(n)] > 0][:5]
             raise IRError(f"graph '{self.name}' has a cycle through nodes {cyc}")
-        if out != self.nodes:
-            self.nodes = out
-            self._touch()
+        return out
 
     def param_count(self) -> int:
         """Number of elements in floating-point initializers (the model's weights)."""

@@ -357,13 +357,12 @@ def to_onnx_model(graph: Graph, *, check: bool = True, value_info: bool = False)
     sorted by name, initializers in insertion order. Graph outputs of unknown type get
     their type from shape inference first.
     """
-    graph.topological_sort()
     if check and any(v.dtype is None or v.shape is None for v in graph.outputs):
         from .analysis import infer_shapes
 
         infer_shapes(graph)
     nodes = []
-    for n in graph.nodes:
+    for n in graph.topological_order():
         attrs = [_make_attr(k, n.attrs[k], n.attr_types.get(k)) for k in sorted(n.attrs)]
         outs = ["" if o.meta.get("optional_unused") else o.name for o in n.outputs]
         np_ = helper.make_node(n.op_type, [i.name if i is not None else "" for i in n.inputs], outs,
@@ -379,7 +378,7 @@ def to_onnx_model(graph: Graph, *, check: bool = True, value_info: bool = False)
     vis = []
     if value_info:
         io = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
-        for n in graph.nodes:
+        for n in graph.topological_order():
             for o in n.outputs:
                 if o.name not in io and o.dtype is not None and not o.meta.get("optional_unused"):
                     vis.append(_value_info(o))

@@ -318,6 +318,7 @@ class _FxConverter:
         self._const_cache: dict = {}
         self._shape_cache: dict[int, Value] = {}
         self._dyn_cache: dict[tuple[int, int], _Dyn] = {}
+        self._order: dict | None = None
         # per fx node
         self.fx_node = None
         self.name = ""
@@ -568,6 +569,8 @@ class _FxConverter:
             return self._get_attr(n.target)
         if n.op == "call_module":
             mod = self.modules.get(n.target)
+            if getattr(mod, "inplace", False) is True:
+                self._check_inplace(n)
             conv = _lookup_module(type(mod))
             if conv is None:
                 raise _unsupported(f"no converter for module '{n.target}' ({type(mod).__module__}."
@@ -576,10 +579,16 @@ class _FxConverter:
         if n.op in ("call_function", "call_method"):
             if not _contains_ir((args, kwargs)) and n in self.consts_a:
                 return self._fold(self.consts_a[n])
+            if kwargs.get("inplace") is True or n.target in _INPLACE_OPERATORS:
+                self._check_inplace(n)
             if n.op == "call_function":
                 conv = FUNCTION_CONVERTERS.get(n.target)
             else:
                 conv = METHOD_CONVERTERS.get(n.target)
+                if conv is None and n.target.endswith("_") and not n.target.startswith("_"):
+                    conv = METHOD_CONVERTERS.get(n.target[:-1])  # x.relu_() ...
+                    if conv is not None:
+                        self._check_inplace(n)
             if conv is None:
                 raise _unsupported(f"no converter for {self._where()}")
             try:
@@ -587,6 +596,20 @@ class _FxConverter:
             except TypeError as e:
                 raise _unsupported(f"{self._where()}: unsupported arguments ({e})") from e
         raise _unsupported(f"unknown fx op '{n.op}'")
+
+    def _check_inplace(self, n) -> None:
+        """An in-place op is converted as a pure one only if nothing reads the mutated
+        tensor afterwards through another name (``y = x; x += 1; return y``)."""
+        if not n.args or not isinstance(n.args[0], torch.fx.Node):
+            return
+        src = n.args[0]
+        if self._order is None:
+            self._order = {node: i for i, node in enumerate(self.gm.graph.nodes)}
+        me = self._order[n]
+        later = [u for u in src.users if u is not n and self._order[u] > me]
+        if later:
+            raise _unsupported(f"{self._where()}: in-place update of '{src.name}' which is read again "
+                               f"afterwards by {[u.name for u in later]}")
 
     def _fold(self, obj):
         if isinstance(obj, torch.Tensor):
@@ -621,6 +644,9 @@ class _FxConverter:
     def _annotate(self, res, a, b):
         if isinstance(res, Value):
             if isinstance(a, _TI):
+                if isinstance(b, _TI) and len(a.shape) != len(b.shape):
+                    raise _unsupported(f"{self._where()}: the rank of the result depends on the batch size "
+                                       f"({a.shape} vs {b.shape}; e.g. squeeze() at batch 1)")
                 if res.is_const or res in self.g.inputs:
                     return
                 res.dtype = _np_dtype(a.dtype)
@@ -720,6 +746,9 @@ def _target_name(t) -> str:
     return f"{mod}.{qn}" if mod and mod != "builtins" else qn
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
 def _lookup_module(cls):
     for c in cls.__mro__:
         conv = MODULE_CONVERTERS.get(c)
@@ -756,6 +785,31 @@ def _signature_args(module: nn.Module, args: tuple):
     return (concrete or None), vals
 
 
+def _check_trace_sound(traced: list, eager: list) -> None:
+    """fx tracing is unsound for some python (aliasing through in-place ops, ``x += 1`` on
+    an alias...): the traced GraphModule must reproduce the module on the example inputs."""
+    if len(traced) != len(eager):
+        raise _unsupported(f"the fx trace returns {len(traced)} tensors, the module {len(eager)}")
+    for i, (t, e) in enumerate(zip(traced, eager)):
+        if t.shape != e.shape or t.dtype != e.dtype:
+            raise _unsupported(f"the fx trace differs from the module on output {i}: "
+                               f"{tuple(t.shape)}/{t.dtype} vs {tuple(e.shape)}/{e.dtype}")
+        if t.dtype.is_floating_point:
+            finite = e[torch.isfinite(e)]
+            scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+            ok = bool(torch.allclose(t, e, rtol=1e-5, atol=1e-5 * scale, equal_nan=True))
+        else:
+            ok = bool(torch.equal(t, e))
+        if not ok:
+            raise _unsupported(f"the fx trace does not reproduce the module on output {i} (python-level "
+                               "semantics fx cannot see, e.g. in-place updates through an alias)")
+
+
+def _clone_args(vals) -> list:
+    """Fresh copies of tensor arguments: a module may update its inputs in place."""
+    return [v.clone() if isinstance(v, torch.Tensor) else v for v in vals]
+
+
 def _grow_batch(v):
     if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] >= 1:
         return torch.cat([v, v[:1]], 0)
@@ -773,7 +827,9 @@ def _from_fx(module, args, input_names, output_names, dynamic_batch, opset, gnam
     gm = torch.fx.symbolic_trace(module, concrete_args=concrete)
     with torch.no_grad():
         rec_a = _RecShapeProp(gm)._init_rec(True)
-        rec_a.propagate(*call_vals)
+        traced_out = _flatten_torch(rec_a.propagate(*_clone_args(call_vals)))
+        eager_out = _flatten_torch(module(*_clone_args(args)))
+        _check_trace_sound(traced_out, eager_out)
         rec_b = None
         batch = None
         if dynamic_batch:
@@ -782,7 +838,7 @@ def _from_fx(module, args, input_names, output_names, dynamic_batch, opset, gnam
                 b0 = int(tensors[0].shape[0])
                 try:
                     rec_b = _RecInterp(gm)._init_rec(False)
-                    rec_b.run(*[_grow_batch(v) for v in call_vals])
+                    rec_b.run(*[_grow_batch(v) for v in _clone_args(call_vals)])
                     batch = (b0, b0 + 1)
                 except Exception as e:  # noqa: BLE001
                     log.warning("from_torch(%s): module does not run with another batch size (%s); "
@@ -825,8 +881,9 @@ def _from_export(module, args, input_names, output_names, dynamic_batch, opset, 
 
     from .onnx_io import from_onnx
 
+    args = tuple(_clone_args(args))
     with torch.no_grad():
-        outs = _flatten_torch(module(*args))
+        outs = _flatten_torch(module(*_clone_args(args)))
     tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     if input_names is None:
         try:
@@ -1022,9 +1079,18 @@ def _f_batch_norm(cv, input, running_mean, running_var, weight=None, bias=None, 
 
 
 def _layer_norm(cv, x, normalized_shape, weight, bias, eps):
-    if cv.opset < 17:
-        raise _unsupported(f"{cv._where()}: LayerNormalization needs opset >= 17")
     ns = _tup(normalized_shape, 1) if not isinstance(normalized_shape, (list, tuple)) else list(normalized_shape)
+    if cv.opset < 17:  # LayerNormalization is opset 17: decompose
+        axes = list(range(-len(ns), 0))
+        d = cv.emit("Sub", [x, cv.reduce("ReduceMean", x, axes, True, main=False)])
+        var = cv.reduce("ReduceMean", cv.emit("Mul", [d, d]), axes, True, main=False)
+        std = cv.emit("Sqrt", [cv.emit("Add", [var, cv.operand(float(eps), x.dtype)])])
+        y = cv.emit("Div", [d, std], main=weight is None and bias is None)
+        if weight is not None:
+            y = cv.emit("Mul", [y, weight], main=bias is None)
+        if bias is not None:
+            y = cv.emit("Add", [y, bias], main=True)
+        return y
     if weight is None:
         weight = cv.const(np.ones(ns, x.dtype), "weight", share=False)
     ins = [x, weight] + ([bias] if bias is not None else [])
