@@ -216,11 +216,40 @@ class Graph:
                 return cand
 
     def _node_names(self) -> set[str]:
-        cache = self.meta.get("_node_names")
-        if cache is None or cache[0] != self.version:
-            cache = (self.version, {n.name for n in self.nodes})
-            self.meta["_node_names"] = cache
-        return cache[1]
+        names = self.__dict__.get("_node_name_set")
+        if names is None or len(names) != len(self.nodes):  # (re)built lazily; kept up to date incrementally
+            names = {n.name for n in self.nodes}
+            self._node_name_set = names
+        return names
+
+    def rename_value(self, v: Value, new: str) -> None:
+        """Rename ``v`` (keeps the initializer table in step). Subgraphs that capture it by
+        name would break, so that is refused."""
+        if v.name == new:
+            return
+        if new in self.values:
+            raise IRError(f"value name '{new}' already defined in graph '{self.name}'")
+        if any(i == -1 for _, i in v._uses):
+            raise IRError(f"cannot rename '{v.name}': a subgraph reads it by name")
+        del self.values[v.name]
+        if self.initializers.get(v.name) is v:
+            del self.initializers[v.name]
+            self.initializers[new] = v
+        v.name = new
+        self.values[new] = v
+        self._touch()
+
+    def rename_node(self, node: Node, new: str) -> None:
+        """Rename a node (names are unique within a graph)."""
+        if node.name == new:
+            return
+        names = self._node_names()
+        if new in names:
+            raise IRError(f"node name '{new}' already used in graph '{self.name}'")
+        names.discard(node.name)
+        node.name = new
+        names.add(new)
+        self._touch()
 
     def _register_value(self, value: Value) -> Value:
         if value.graph is self and self.values.get(value.name) is value:
@@ -292,6 +321,7 @@ class Graph:
                 v._uses.append((node, i))
         for v in node._implicit:
             v._uses.append((node, -1))
+        self._node_names().add(node.name)
         if before is not None:
             self.nodes.insert(self.nodes.index(before), node)
         elif after is not None:
@@ -332,6 +362,7 @@ class Graph:
             o.producer = None
             if self.values.get(o.name) is o:
                 del self.values[o.name]
+        self._node_names().discard(node.name)
         self.nodes.remove(node)
         node.graph = None
         self._touch()

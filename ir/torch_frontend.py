@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import NNSculptError, UnsupportedOpError
+from .errors import UnsupportedOpError
 from .graph import Graph, Value
 
 log = logging.getLogger("nnsculpt.ir")
@@ -195,6 +195,9 @@ class _Recorder:
         self.summaries: dict = {}
         self.consts: dict = {}
         self._keep_consts = keep_consts
+        # fx's extra traceback logs a structured artifact, which imports torch._inductor
+        # (seconds) the first time a run fails: a failing batch-size probe must be cheap
+        self.extra_traceback = False
         return self
 
     def run_node(self, n):
@@ -388,7 +391,9 @@ class _FxConverter:
             return x
         if x.is_const:
             return self.const(x.const.astype(dtype), "cast")
-        return self.emit("Cast", [x], {"to": _onnx_elem(dtype)}, dtype=dtype)
+        y = self.emit("Cast", [x], {"to": _onnx_elem(dtype)}, dtype=dtype)
+        y.shape = x.shape
+        return y
 
     def operand(self, x, dtype) -> Value:
         """A graph value for an operand of an elementwise op computed in ``dtype``."""
@@ -1579,9 +1584,10 @@ def _reduction(op):
         if isinstance(dim, bool):  # torch.sum(x, True)?  not a real overload
             raise _unsupported(f"{cv._where()}: bad dim {dim!r}")
         dt = cv.out_dtype()
+        axes = _norm_axes(dim, _rank(x))
         if dt is not None and x.dtype is not None and dt != x.dtype:
             x = cv.cast(x, dt)
-        return cv.reduce(op, x, _norm_axes(dim, _rank(x)), keepdim)
+        return cv.reduce(op, x, axes, keepdim)
     return f
 
 
