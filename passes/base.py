@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping
@@ -133,7 +134,7 @@ def _type_name(t: Any) -> str:
     if origin in (list, tuple):
         args = typing.get_args(t)
         return f"list[{_type_name(args[0]) if args else 'str'}]"
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         return " | ".join(_type_name(a) for a in typing.get_args(t) if a is not type(None)) + " (optional)"
     return getattr(t, "__name__", str(t))
 
@@ -158,7 +159,7 @@ def coerce_value(pass_name: str, key: str, value: Any, t: Any) -> Any:
 
     origin = typing.get_origin(t)
     args = typing.get_args(t)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
             return None
         errs = []

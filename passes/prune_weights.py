@@ -207,7 +207,8 @@ class PruneWeights(Pass):
                          f"{other or ['a subgraph']}")
                 continue
             if any(v is w for v in g.outputs) or g.initializers.get(w.name) is not w:
-                ctx.note(f"left {lay.nodes[0].name} alone: weight '{w.name}' is a graph output")
+                ctx.note(f"left {lay.nodes[0].name} alone: weight '{w.name}' is a graph output "
+                         f"or not a registered initializer")
                 continue
             out.append(lay)
         return out
