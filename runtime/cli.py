@@ -7,6 +7,7 @@ Commands::
                                  [--print-ir-after-all] [--verify]
     nnsculpt compare A B [--inputs X.npz]        max abs / rel error, cosine, top-1 agreement
     nnsculpt bench MODEL [MODEL ...] [--inputs X.npz]   ORT latency (median of runs), size
+    nnsculpt distill STUDENT --teacher T --data train.npz [--val val.npz] --epochs N -o OUT.onnx
     nnsculpt passes                              registered passes, options, summaries
 
 MODEL is an ``.onnx`` path or ``zoo:NAME`` (``nnsculpt inspect zoo:list`` lists the zoo).
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
+
+    from .distill import add_cli as add_distill_cli
+
+    add_distill_cli(sub)
 
     s = sub.add_parser("passes", help="list registered passes with options")
     s.add_argument("--docs", dest="verbose_docs", action="store_true", help="print full docstrings")

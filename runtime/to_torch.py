@@ -1467,7 +1467,9 @@ def _batchnorm(b, node, args):
                  "running_mean": ParamBinding(names[2], (), "buffer"),
                  "running_var": ParamBinding(names[3], (), "buffer")}
         return b.call_module(b.add_module(node, bn, binds), args[0])
-    return b.call(F.batch_norm, args[0], args[3], args[4], args[1], args[2], False, 0.0, eps)
+    # shared/tied statistics: functional form; running stats are statistics, never trained
+    mean, var = b.method("detach", args[3]), b.method("detach", args[4])
+    return b.call(F.batch_norm, args[0], mean, var, args[1], args[2], False, 0.0, eps)
 
 
 @register_converter("LayerNormalization")

@@ -21,7 +21,7 @@ def cli(*args: str) -> tuple[int, str, str]:
 def test_help_lists_commands():
     rc, out, _ = cli("--help")
     assert rc == 0
-    for c in ("inspect", "compile", "compare", "bench", "passes"):
+    for c in ("inspect", "compile", "compare", "bench", "distill", "passes"):
         assert c in out
 
 
