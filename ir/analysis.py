@@ -69,9 +69,9 @@ def static_dims(shape, symbolic_as: int = 1) -> list[int] | None:
         return None
     out = []
     for d in shape:
-        if isinstance(d, int):
+        if isinstance(d, int) and d >= 0:
             out.append(d)
-        elif d is None or isinstance(d, str):
+        else:  # symbolic, unknown, or -1 (some exporters write unknown dims as -1)
             out.append(symbolic_as)
     return out
 

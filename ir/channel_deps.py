@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -122,6 +121,8 @@ class DepGroup:
     reason: str = ""
     layers: tuple[str, ...] = ()      # nodes with an out/norm param in this group (producers)
     consumers: tuple[str, ...] = ()   # nodes with an in param in this group
+    lossy: bool = False               # a LayerNorm normalizes these channels: removing even
+                                      # all-zero channels changes its statistics
 
     @property
     def n_units(self) -> int:
@@ -236,6 +237,7 @@ class Analyzer:
         self.node: Node | None = None
         self._cval: dict[int, Any] = {}
         self.hints: dict[int, list] = {}
+        self.lossy: set[int] = set()
 
     def cval(self, v: Value | None) -> np.ndarray | None:
         """Constant (possibly folded) behind ``v``."""
@@ -246,22 +248,18 @@ class Analyzer:
             self._cval[k] = const_value(v)
         return self._cval[k]
 
-    def ints(self, v: Value | None) -> list[int] | None:
-        a = self.cval(v)
-        if a is None or a.dtype.kind not in "iu":
-            return None
-        return [int(x) for x in a.reshape(-1).tolist()]
-
-    def floats(self, v: Value | None) -> list[float] | None:
-        a = self.cval(v)
-        if a is None:
-            return None
-        return [float(x) for x in a.reshape(-1).tolist()]
-
     def hint(self, v: Value, dims) -> None:
-        """Record dims for a value whose shape inference did not give one (analysis-local)."""
-        if v.shape is None and dims is not None:
-            self.hints[id(v)] = list(dims)
+        """Refine the dims of ``v`` with what a rule computed (analysis-local): static sizes the
+        rule knows fill unknown / symbolic entries of shape inference, never override a static
+        one."""
+        if dims is None or v.is_const:
+            return
+        cur = self.dims(v)
+        if cur is None or len(cur) != len(dims):
+            if cur is None:
+                self.hints[id(v)] = list(dims)
+            return
+        self.hints[id(v)] = [d if (_is_int(d) and not _is_int(c)) else c for d, c in zip(dims, cur)]
 
     # ---------------------------------------------------------------- values
     def sp(self, v: Value | None) -> Space | None:
@@ -280,10 +278,11 @@ class Analyzer:
             return None
         if v.is_const:
             return [int(d) for d in v.const.shape]
-        if v.shape is not None:
-            return list(v.shape)
         if id(v) in self.hints:
             return list(self.hints[id(v)])
+        if v.shape is not None:
+            # some exporters write unknown dims as -1: symbolic, not a size
+            return [f"?{d}" if _is_int(d) and d < 0 else d for d in v.shape]
         c = self.cval(v)
         return None if c is None else [int(d) for d in c.shape]
 
@@ -518,6 +517,7 @@ def _batchnorm(an: Analyzer, node: Node) -> None:
         return
     if _outputs_used_beyond(node, 1):
         raise _Blocked("training-mode statistics outputs are used")
+    an.hint(node.outputs[0], an.dims(node.inputs[0]))
     an.port("in", 0, s)
     o = _carry(an, node, s, node.outputs[0])
     if 1 not in s.axes:
@@ -539,6 +539,7 @@ def _instancenorm(an: Analyzer, node: Node) -> None:
     s = an.sp(node.inputs[0])
     if s is None:
         return
+    an.hint(node.outputs[0], an.dims(node.inputs[0]))
     an.port("in", 0, s)
     o = _carry(an, node, s, node.outputs[0])
     if 1 not in s.axes:
@@ -565,6 +566,7 @@ def _layernorm(an: Analyzer, node: Node) -> None:
         raise _Blocked("rank unknown")
     a = _norm_axis(node.attrs.get("axis", -1), r)
     normed = set(range(a, r))
+    an.hint(node.outputs[0], an.dims(x))
     an.port("in", 0, s)
     if not normed & set(s.axes):
         _carry(an, node, s, node.outputs[0])
@@ -572,6 +574,7 @@ def _layernorm(an: Analyzer, node: Node) -> None:
     if s.axes != (r - 1,) or a != r - 1:
         raise _Blocked("channels are only part of the normalized axes")
     o = _carry(an, node, s, node.outputs[0])
+    an.lossy.add(s.index)
     for i, kind in ((1, "norm"), (2, "shift")):
         v = node.inputs[i] if i < len(node.inputs) else None
         if v is None:
@@ -842,6 +845,8 @@ def _transpose(an: Analyzer, node: Node) -> None:
         raise _Blocked("rank unknown")
     perm = node.attrs.get("perm")
     perm = list(reversed(range(r))) if perm is None else [int(p) for p in perm]
+    d = an.dims(node.inputs[0])
+    an.hint(node.outputs[0], [d[p] for p in perm])
     an.port("in", 0, s)
     _carry(an, node, s, node.outputs[0], tuple(perm.index(a) for a in s.axes))
 
@@ -971,6 +976,15 @@ def _slice(an: Analyzer, node: Node) -> None:
         raise _Blocked("slice bounds are not constant")
     axes = list(range(len(starts))) if axes is None else [_norm_axis(a, r) for a in axes]
     steps = [1] * len(starts) if steps is None else steps
+    din = an.dims(x)
+    dout = list(din)
+    for a, st_, en_, sp_ in zip(axes, starts, ends, steps):
+        d = din[a]
+        if _is_int(d):
+            dout[a] = len(range(*slice(st_, en_, sp_).indices(int(d))))
+        elif not (st_ == 0 and en_ >= 2 ** 31 - 1 and sp_ == 1):
+            dout[a] = f"?{node.name}:{a}"
+    an.hint(node.outputs[0], dout)
     an.port("in", 0, s)
     hit = [j for j, a in enumerate(axes) if a in s.axes]
     if not hit:
@@ -1660,13 +1674,17 @@ def _matches(node: Node, patterns: list[str]) -> bool:
 
 def channel_dependencies(g: Graph, *, protect: list[str] | None = None) -> ChannelDeps:
     """Run the analysis (see the module docstring). ``protect``: node names / torch module
-    paths / glob patterns whose output channels are kept."""
-    import networkx as nx
+    paths / glob patterns whose output channels are kept. Cached on the graph version (any
+    mutation invalidates it)."""
+    from .analysis import _cached, infer_shapes
 
-    from .analysis import infer_shapes
-
-    infer_shapes(g)
     protect = list(protect or [])
+    infer_shapes(g)
+    return _cached(g, f"channel_deps:{tuple(protect)!r}", lambda: _analyze(g, protect))
+
+
+def _analyze(g: Graph, protect: list[str]) -> ChannelDeps:
+    import networkx as nx
     an = Analyzer(g)
     for node in g.nodes:
         an.node = node
@@ -1741,7 +1759,8 @@ def channel_dependencies(g: Graph, *, protect: list[str] | None = None) -> Chann
             prunable, reason = False, "no producer weights"
         elif len(units) < 2:
             prunable, reason = False, "a single unit"
-        groups.append(DepGroup(len(groups), units, sp, prunable, reason, tuple(layers), tuple(cons)))
+        groups.append(DepGroup(len(groups), units, sp, prunable, reason, tuple(layers), tuple(cons),
+                               lossy=bool(an.lossy & set(sp))))
 
     deps = ChannelDeps(graph=g, spaces=spaces, space_of={s.value.name: s for s in spaces},
                        blocked=blocked, block_reasons=an.block_reasons, ports=an.ports,

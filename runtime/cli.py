@@ -117,7 +117,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     passes = resolve_pipeline(args.pipeline)  # bad pass names / options fail before any work
     g = load_graph(args.model)
     calib = load_inputs(args.calib_data, g) if args.calib_data else None
-    ctx = PassContext(calib_data=calib, seed=args.seed)
+    extra = {}
+    if args.calib_data:  # labels (if any) feed data-driven criteria such as Taylor importance
+        from .ort import read_npz
+
+        labels = read_npz(args.calib_data).get("labels")
+        if labels is not None:
+            extra["prune-channels.labels"] = labels
+    ctx = PassContext(calib_data=calib, seed=args.seed, extra=extra)
     dump_dir = Path(args.report) / "ir" if (args.report and args.print_ir_after_all) else None
     pm = PassManager(passes, verify=args.verify, check_numerics=args.verify, dump_dir=dump_dir,
                      print_ir=sys.stderr if args.print_ir_after_all else None)

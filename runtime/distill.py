@@ -198,14 +198,10 @@ def load_npz_data(path: str | os.PathLike, input_names: Sequence[str], *,
     Raises :class:`InputDataError` naming the file and the input when an input is missing,
     the arrays disagree on the number of samples, or labels are needed but absent.
     """
+    from .ort import read_npz
+
     p = Path(path)
-    if not p.exists():
-        raise InputDataError(f"{p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a data error
-        raise InputDataError(f"{p}: not a readable .npz file: {e}") from None
+    arrays = read_npz(p)
     xs = []
     for name in input_names:
         if name not in arrays:

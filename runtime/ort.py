@@ -94,7 +94,7 @@ def make_inputs(graph: Graph, *, batch: int = 1, seed: int = 0, dims: Mapping[st
     """Deterministic random inputs matching the graph's input types.
 
     The first symbolic dim becomes ``batch``; other symbolic dims take ``dims[name]`` or
-    16. Floats are standard normal, integer inputs that index an embedding table are drawn
+    32 (a multiple of the usual down-sampling factors, so detectors with free H/W run). Floats are standard normal, integer inputs that index an embedding table are drawn
     below the table size, other integers from [0, 10), booleans at random.
     """
     rng = np.random.default_rng(seed)
@@ -105,12 +105,12 @@ def make_inputs(graph: Graph, *, batch: int = 1, seed: int = 0, dims: Mapping[st
             raise InputDataError(f"input '{v.name}' has unknown rank: pass inputs explicitly (--inputs X.npz)")
         shape = []
         for i, d in enumerate(v.shape):
-            if isinstance(d, int):
+            if isinstance(d, int) and d >= 0:
                 shape.append(d)
             elif i == 0:
                 shape.append(batch)
             else:
-                shape.append(int((dims or {}).get(d, 16)) if isinstance(d, str) else 16)
+                shape.append(int((dims or {}).get(d, 32)) if isinstance(d, str) else 32)
         dt = v.dtype or np.dtype(np.float32)
         if dt.kind == "f":
             arr = rng.standard_normal(shape).astype(dt)
@@ -124,6 +124,18 @@ def make_inputs(graph: Graph, *, batch: int = 1, seed: int = 0, dims: Mapping[st
     return out
 
 
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file; InputDataError naming the file if it cannot be read."""
+    p = Path(path)
+    if not p.exists():
+        raise InputDataError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # any unreadable file is a data error
+        raise InputDataError(f"{p}: not a readable .npz file: {e}") from None
+
+
 def load_inputs(path: str | os.PathLike, graph: Graph) -> dict[str, np.ndarray]:
     """Load an ``.npz`` mapping input names to arrays (with a batch dim); validate it.
 
@@ -132,13 +144,7 @@ def load_inputs(path: str | os.PathLike, graph: Graph) -> dict[str, np.ndarray]:
     Extra arrays (e.g. ``labels``) are ignored.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputDataError(f"{p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise InputDataError(f"{p}: not a readable .npz file: {e}") from None
+    data = read_npz(p)
     out = {}
     for v in graph.inputs:
         if v.name not in data:

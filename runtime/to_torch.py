@@ -1524,29 +1524,7 @@ def _used(g: Graph, values: Sequence[Value]) -> bool:
 # ============================================================================ entry points
 def _topo_order(graph: Graph) -> list[Node]:
     """Topological order of the nodes (stable), without mutating the graph."""
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
-    indeg, succ = {}, {id(n): [] for n in graph.nodes}
-    for n in graph.nodes:
-        preds = {id(v.producer) for v in list(n.inputs) + list(n.implicit_inputs)
-                 if v is not None and v.producer is not None and id(v.producer) in order}
-        indeg[id(n)] = len(preds)
-        for p in preds:
-            succ[p].append(n)
-    import heapq
-
-    ready = [(order[id(n)], n.name, n) for n in graph.nodes if indeg[id(n)] == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        _, _, n = heapq.heappop(ready)
-        out.append(n)
-        for s in succ[id(n)]:
-            indeg[id(s)] -= 1
-            if indeg[id(s)] == 0:
-                heapq.heappush(ready, (order[id(s)], s.name, s))
-    if len(out) != len(graph.nodes):
-        raise IRError(f"to_torch: graph '{graph.name}' has a cycle")
-    return out
+    return graph.topological_order()
 
 
 def to_torch(graph: Graph, *, trainable_scalars: bool = False) -> fx.GraphModule:
