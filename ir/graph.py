@@ -472,13 +472,27 @@ class Graph:
             raise IRError(f"graph '{self.name}' has a cycle through nodes {cyc}")
         return out
 
+    def _is_weight(self, v: Value) -> bool:
+        """Float initializers, and integer ones that are quantized weights (DequantizeLinear x)."""
+        if v.const is None:
+            return False
+        if v.const.dtype.kind == "f":
+            return True
+        return any(n.op_type == "DequantizeLinear" and i == 0 for n, i in v._uses)
+
     def param_count(self) -> int:
-        """Number of elements in floating-point initializers (the model's weights)."""
-        return int(sum(v.const.size for v in self.initializers.values()
-                       if v.const is not None and v.const.dtype.kind == "f"))
+        """Number of weight elements: float initializers plus quantized integer weights."""
+        return int(sum(v.const.size for v in self.initializers.values() if self._is_weight(v)))
 
     def weight_bytes(self) -> int:
-        return int(sum(v.const.nbytes for v in self.initializers.values() if v.const is not None))
+        """Bytes of all initializers as stored (4-bit types count half a byte per element)."""
+        total = 0.0
+        for v in self.initializers.values():
+            if v.const is None:
+                continue
+            name = v.const.dtype.name
+            total += v.const.size / 2 if name in ("int4", "uint4") else v.const.nbytes
+        return int(total)
 
     def iter_values(self) -> Iterator[Value]:
         return iter(self.values.values())

@@ -13,9 +13,10 @@ Kinds (how the pass treats the op):
   input and the output get their own quantization parameters (QLinearAdd, ...). Constant
   float inputs (``x * 0.5``) are quantized offline with their own min/max.
 * ``absorb``      -- Relu / Clip: only the output is quantized; the producer's output is
-  *not* (``Conv -> Relu -> Q``): ORT's ReluQuantFusion / ClipQuantFusion remove the
-  activation when the quantized range already clamps like it (asymmetric, zero point at
-  the type minimum), leaving ``Conv -> Q`` to fuse. The graph stays exact either way.
+  *not* (``Conv -> Relu -> Q``). When the quantized range clamps exactly like the
+  activation (asymmetric, zero point at the type minimum, Clip bounds reproduced) the pass
+  removes the activation, leaving ``Conv -> Q`` to fuse (what ORT's ReluQuantFusion /
+  ClipQuantFusion would do). Exact in QDQ semantics either way.
 * ``passthrough`` -- MaxPool / Reshape / Transpose / Resize / ...: data movement that runs
   on 8-bit data directly. Quantized only when the input already is, with the *same*
   scale and zero point on both sides so ORT drops the Q/DQ pair around it.
