@@ -160,9 +160,11 @@ def run_ort(case: Case, method: str, tmp: Path, batch: int) -> Result:
     src = case.path
     pre = tmp / f"{case.name}_ortpre.onnx"
     t0 = time.perf_counter()
-    try:
+    cwd = os.getcwd()
+    try:  # ORT's pre-processing and quantizer drop temporary files into the working directory
+        os.chdir(tmp)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            quant_pre_process(str(case.path), str(pre))
+            quant_pre_process(str(Path(case.path).resolve()), str(pre.resolve()))
         src = pre
         res.extra["pre_process"] = "quant_pre_process"
     except Exception as e:  # noqa: BLE001
@@ -178,6 +180,8 @@ def run_ort(case: Case, method: str, tmp: Path, batch: int) -> Result:
     except Exception as e:  # noqa: BLE001
         res.error = f"quantize_static raised {_first_line(e)}"
         return res
+    finally:
+        os.chdir(cwd)
     res.seconds = time.perf_counter() - t0
     res.path = out
     return res
