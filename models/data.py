@@ -112,3 +112,23 @@ def digits_npz(path: Union[str, Path], split: str = "test", n: Optional[int] = N
     with open(path, "wb") as fh:  # file handle: np.savez would append '.npz' to a str path
         np.savez(fh, **{input_name: X, "labels": y})
     return path
+
+
+def main(argv=None) -> int:
+    """``python -m nnsculpt.models.data OUT.npz [--split train|val|test] [-n N]``: write a digits split."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nnsculpt.models.data",
+                                description="Write a split of scikit-learn's digits (16x16) as an .npz "
+                                            "of zoo inputs ('input') and 'labels'.")
+    p.add_argument("out")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("-n", type=int, default=None, help="keep only the first N samples")
+    args = p.parse_args(argv)
+    path = digits_npz(args.out, args.split, args.n)
+    print(f"wrote {path} ({args.split} split)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,7 +174,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
             continue
         rows.append([name, f"{e['max_abs']:.3e}", f"{e['max_rel']:.3e}", f"{e['cosine']:.6f}",
                      f"{e['top1_agreement']:.4f}" if "top1_agreement" in e else "-"])
+    labels = None
+    if args.inputs:
+        from .ort import read_npz
+
+        labels = read_npz(args.inputs).get("labels")
     n = len(next(iter(inputs.values()))) if inputs else 0
+    if labels is not None and len(labels) == n:
+        first = next(iter(ra))
+        if ra[first].ndim == 2 and ra[first].shape[1] > 1:
+            acc_a = float((ra[first].argmax(1) == labels).mean())
+            acc_b = float((rb[first].argmax(1) == labels).mean())
+            print(f"top-1 vs labels: A {acc_a:.4f}  B {acc_b:.4f}  (B - A = {100 * (acc_b - acc_a):+.2f} points)")
     print(f"compared on {n} samples ({'from ' + args.inputs if args.inputs else f'random, seed {args.seed}'})")
     print(_table(rows, ["output", "max_abs", "max_rel", "cosine", "top1_agree"]))
     return 0

@@ -113,12 +113,24 @@ def test_bad_inputs_named_errors_and_no_output(small_onnx, tmp_path):
 
 
 def test_zoo_compile_main_job(tmp_path):
-    """The README's main job, on the bundled trained checkpoint."""
-    out = tmp_path / "digits.onnx"
-    rc, stdout, err = cli("compile", "zoo:digits_resnet", "-p", "fold-bn,canonicalize,eliminate-identity,dce",
-                          "-o", str(out), "--report", str(tmp_path / "rep"), "--verify")
+    """The README's main job, on the bundled trained checkpoint, then compare on held-out data."""
+    from nnsculpt.models.data import main as data_main
+
+    calib, test = tmp_path / "calib.npz", tmp_path / "test.npz"
+    assert data_main([str(calib), "--split", "train", "-n", "256"]) == 0
+    assert data_main([str(test)]) == 0
+    out = tmp_path / "digits_int8.onnx"
+    rc, stdout, err = cli("compile", "zoo:digits_resnet", "-p", "fold-bn,equalize,quantize{calibration=mse}",
+                          "--calib-data", str(calib), "-o", str(out), "--report", str(tmp_path / "rep"), "--verify")
     assert rc == 0, err
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["frontend"] == "torch.fx"
-    assert rep["summary"]["nodes"]["after"] < rep["summary"]["nodes"]["before"]
-    assert rep["numerics"]["max_rel"] <= 1e-5
+    assert [p["exact"] for p in rep["passes"]] == [True, True, False]
+    assert rep["passes"][1]["drift_vs_previous"]["max_rel"] <= 1e-5  # equalize is exact
+    assert rep["numerics"]["max_rel"] <= 0.1  # int8 drift, bounded
+    assert rep["summary"]["model_bytes"]["ratio"] < 0.5
+    rc, stdout, err = cli("compare", "zoo:digits_resnet", str(out), "--inputs", str(test))
+    assert rc == 0, err
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("top-1 vs labels"))
+    acc_a, acc_b = float(line.split()[4]), float(line.split()[6])
+    assert acc_a >= 0.95 and acc_a - acc_b <= 0.01  # int8 within 1 point of fp32 on real data
