@@ -928,14 +928,24 @@ def _split_sizes(an: Analyzer, node: Node, total: int) -> list[int] | None:
     return sizes
 
 
-def _split(an: Analyzer, node: Node) -> None:
+def _channel_operand(an: "Analyzer", node: Node):
+    """``(x, space, rank)`` of a node's first input when channels reach it, else ``None``;
+    blocks when the rank is unknown."""
     x = node.inputs[0]
     s = an.sp(x)
     if s is None:
-        return
+        return None
     r = an.rank(x)
     if r is None:
         raise _Blocked("rank unknown")
+    return x, s, r
+
+
+def _split(an: Analyzer, node: Node) -> None:
+    got = _channel_operand(an, node)
+    if got is None:
+        return
+    x, s, r = got
     k = _norm_axis(node.attrs.get("axis", 0), r)
     an.port("in", 0, s)
     if k not in s.axes:
@@ -961,13 +971,10 @@ def _split(an: Analyzer, node: Node) -> None:
 
 
 def _slice(an: Analyzer, node: Node) -> None:
-    x = node.inputs[0]
-    s = an.sp(x)
-    if s is None:
+    got = _channel_operand(an, node)
+    if got is None:
         return
-    r = an.rank(x)
-    if r is None:
-        raise _Blocked("rank unknown")
+    x, s, r = got
     starts, ends = _const_ints(node.input(1)), _const_ints(node.input(2))
     axes = _const_ints(node.input(3)) if node.input(3) is not None else None
     steps = _const_ints(node.input(4)) if node.input(4) is not None else None
@@ -1309,13 +1316,10 @@ def _pad(an: Analyzer, node: Node) -> None:
 
 
 def _reduce(an: Analyzer, node: Node) -> None:
-    x = node.inputs[0]
-    s = an.sp(x)
-    if s is None:
+    got = _channel_operand(an, node)
+    if got is None:
         return
-    r = an.rank(x)
-    if r is None:
-        raise _Blocked("rank unknown")
+    x, s, r = got
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = _const_ints(node.inputs[1])
@@ -1339,13 +1343,10 @@ def _reduce(an: Analyzer, node: Node) -> None:
 
 
 def _softmax(an: Analyzer, node: Node) -> None:
-    x = node.inputs[0]
-    s = an.sp(x)
-    if s is None:
+    got = _channel_operand(an, node)
+    if got is None:
         return
-    r = an.rank(x)
-    if r is None:
-        raise _Blocked("rank unknown")
+    x, s, r = got
     opset = an.g.opset or 13
     a = _norm_axis(node.attrs.get("axis", -1 if opset >= 13 else 1), r)
     normed = {a} if (opset >= 13 or node.op_type == "CumSum") else set(range(a, r))
@@ -1363,13 +1364,10 @@ def _softmax(an: Analyzer, node: Node) -> None:
 
 def _shape(an: Analyzer, node: Node) -> None:
     """Shape of a channel-carrying value: fine as long as only non-channel dims are read."""
-    x = node.inputs[0]
-    s = an.sp(x)
-    if s is None:
+    got = _channel_operand(an, node)
+    if got is None:
         return
-    r = an.rank(x)
-    if r is None:
-        raise _Blocked("rank unknown")
+    x, s, r = got
     start = int(node.attrs.get("start", 0))
     end = int(node.attrs.get("end", r))
     start = start + r if start < 0 else start
