@@ -195,16 +195,7 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
         if init is None:
             continue
         # back to the initializer layout (scales cancel in w * g)
-        shapes = [tuple(init.const.shape)]
-        for step in bind.transforms:
-            sh = shapes[-1]
-            shapes.append(sh[::-1] if step[0] == "transpose" else tuple(step[1]) if step[0] == "reshape" else sh)
-        for i in reversed(range(len(bind.transforms))):
-            step = bind.transforms[i]
-            if step[0] == "transpose":
-                prod = prod.T
-            elif step[0] == "reshape":
-                prod = prod.reshape(shapes[i])
+        prod = bind.to_initializer(prod, tuple(init.const.shape), undo_scale=False)
         prods[bind.initializer] = prods.get(bind.initializer, 0) + np.abs(prod)
     return prods
 

@@ -129,7 +129,9 @@ class ParamBinding:
                 raise IRError(f"unknown transform {step!r}")
         return np.array(arr, order="C")
 
-    def to_initializer(self, arr: np.ndarray, shape: tuple) -> np.ndarray:
+    def to_initializer(self, arr: np.ndarray, shape: tuple, *, undo_scale: bool = True) -> np.ndarray:
+        """Map a torch-layout array back to the initializer layout ``shape``. ``undo_scale=False``
+        skips the scale steps (for quantities such as w·∂L/∂w that scaling leaves unchanged)."""
         shapes = [tuple(shape)]
         for step in self.transforms:  # shapes before each step
             s = shapes[-1]
@@ -138,7 +140,7 @@ class ParamBinding:
             step = self.transforms[i]
             if step[0] == "transpose":
                 arr = arr.T
-            elif step[0] == "scale":
+            elif step[0] == "scale" and undo_scale:
                 arr = arr / np.asarray(step[1], dtype=arr.dtype)
             elif step[0] == "reshape":
                 arr = arr.reshape(shapes[i])

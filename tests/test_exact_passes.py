@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+
+from nnsculpt import models
 from onnx import TensorProto, helper, numpy_helper
 
 from nnsculpt.ir import from_onnx, to_onnx_model, verify
@@ -624,35 +626,16 @@ def test_unknown_domain_untouched():
 
 
 # ------------------------------------------------------------------------------- zoo
-def _zoo_names():
-    try:
-        from nnsculpt import models
-
-        return list(models.list_models())
-    except Exception:  # noqa: BLE001 - the zoo is written by another engineer
-        return []
-
-
-@pytest.mark.parametrize("name", _zoo_names() or ["<no zoo>"])
+@pytest.mark.parametrize("name", models.list_models())
 def test_zoo_fold_bn_dce(name):
-    """fold-bn,dce on every zoo model converted with nnsculpt.ir.from_torch (the
-    TorchScript ONNX exporter stands in while from_torch is unavailable)."""
-    if name == "<no zoo>":
-        pytest.skip("nnsculpt.models is not available")
-    from nnsculpt import ir, models
+    """fold-bn,dce on every zoo model converted with nnsculpt.ir.from_torch."""
+    from nnsculpt import ir
 
     model, xs = models.get_model(name), tuple(models.example_inputs(name))
-    try:
-        g = ir.from_torch(model, xs)
-    except (ImportError, NotImplementedError):
-        in_names = list(models.input_names(name)) if hasattr(models, "input_names") else None
-        g = from_onnx(torch_to_onnx(model, xs, in_names, None))
+    g = ir.from_torch(model, xs)
     ref = to_onnx_model(g)
     feeds = {v.name: x.numpy() for v, x in zip(g.inputs, xs)}
-    try:
-        a = ort_run(ref, feeds)
-    except Exception as e:  # noqa: BLE001 - a frontend problem, not a pass problem
-        pytest.skip(f"ONNX Runtime cannot run the converted '{name}' before any pass: {e}")
+    a = ort_run(ref, feeds)
     ctx = PassContext()
     for p in parse_pipeline("fold-bn,dce"):
         p(g, ctx)

@@ -4,13 +4,14 @@ at the example batch size and at another one (dynamic batch)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+import nnsculpt.models as zoo
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -763,22 +764,8 @@ def test_tables_are_tables():
 
 
 # -------------------------------------------------------------------------- zoo
-def _zoo_names() -> list[str]:
-    if importlib.util.find_spec("nnsculpt.models") is None:
-        return []
-    try:
-        import nnsculpt.models as zoo
-
-        return list(zoo.list_models())
-    except Exception:  # noqa: BLE001 - the zoo is written by another engineer
-        return []
-
-
-@pytest.mark.parametrize("name", _zoo_names() or ["<no zoo>"])
+@pytest.mark.parametrize("name", zoo.list_models())
 def test_zoo_model_converts_via_fx(name):
-    if name == "<no zoo>":
-        pytest.skip("nnsculpt.models is not available")
-    import nnsculpt.models as zoo
 
     m = zoo.get_model(name)
     g = check(m, tuple(zoo.example_inputs(name, batch=2)),
