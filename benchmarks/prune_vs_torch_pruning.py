@@ -19,7 +19,7 @@ end (no extra training). Top-1 is on the
 
 Torch-Pruning: ``MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` (group L2 with mean
 normalization, its default), ``ignored_layers=[fc]``, ``pruning_ratio=R``; nnsculpt:
-:func:`nnsculpt.runtime.prune_api.prune_module` (``from_torch -> prune-channels -> to_torch``).
+:func:`nnsculpt.prune.prune_module` (``from_torch -> prune-channels -> to_torch``).
 Latency: both pruned models are lowered by the same ``from_torch`` and run in ONNX Runtime
 (CPU, one thread, batch ``--batch``), medians of paired runs in the same process.
 """
@@ -41,7 +41,7 @@ from nnsculpt.ir import from_torch, graph_stats
 from nnsculpt.ir.onnx_io import to_onnx_model
 from nnsculpt.models.data import load_digits_dataset
 from nnsculpt.models.train import evaluate, random_shift
-from nnsculpt.runtime.prune_api import prune_module
+from nnsculpt.prune import prune_module
 
 LR, WD, BATCH = 0.02, 5e-4, 64
 

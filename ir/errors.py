@@ -40,3 +40,15 @@ class InputDataError(NNSculptError):
 
 class NumericsError(NNSculptError):
     """A pass changed the model outputs beyond the allowed tolerance."""
+
+
+class MissingCalibrationDataError(InputDataError):
+    """A data-driven pass (calibration, activation / Taylor importance) ran without calibration data."""
+
+
+class RequirementError(NNSculptError):
+    """A pass's declared requirement (``opset>=13``, ``bn-folded``...) is unknown or cannot be met."""
+
+
+class DriftError(NumericsError):
+    """A lossy pass moved the outputs further than the user allowed (``--max-drift``)."""

@@ -199,6 +199,40 @@ class Graph:
     def _touch(self) -> None:
         self.version += 1
 
+    def invalidate(self) -> None:
+        """Declare that something analyses read changed outside the mutation methods (e.g. a
+        value's ``shape`` set by hand): bumps :attr:`version`, so cached analyses recompute."""
+        self._touch()
+
+    def replace_contents(self, new: "Graph", *, keep_node_meta: bool = True) -> None:
+        """Make this graph object take over ``new``'s nodes, values, inputs, outputs,
+        initializers, opsets and functions (``new`` must not be used afterwards). With
+        ``keep_node_meta`` nodes whose names exist in both keep this graph's provenance.
+        ``graph.meta`` entries of this graph are kept; cached analyses are dropped."""
+        old_meta = {n.name: n.meta for n in self.nodes} if keep_node_meta else {}
+        for attr in ("nodes", "inputs", "outputs", "initializers", "values", "opset_imports", "ir_version",
+                     "functions"):
+            setattr(self, attr, getattr(new, attr))
+        for v in self.values.values():
+            v.graph = self
+        for n in self.nodes:
+            n.graph = self
+            if n.name in old_meta:
+                n.meta = dict(old_meta[n.name])
+        self._name_counter = {}
+        self.__dict__.pop("_node_name_set", None)
+        for k in [k for k in self.meta if k.startswith("_")]:
+            del self.meta[k]
+        self._touch()
+
+    def raise_opset(self, target: int, *, who: str = "") -> bool:
+        """Upgrade the default-domain opset to ``target`` in place with
+        ``onnx.version_converter``, keeping node names and provenance. Returns True if it
+        changed; raises :class:`UnsupportedOpError` (naming ``who``) when the converter fails."""
+        from .onnx_io import raise_opset
+
+        return raise_opset(self, target, who=who)
+
     @property
     def opset(self) -> int:
         """The default-domain (``ai.onnx``) opset version."""
@@ -376,6 +410,16 @@ class Graph:
         value.graph = None
         self._touch()
 
+    def remove_initializer_if_unused(self, value: Value | None) -> bool:
+        """Drop ``value`` when it is an initializer that nothing reads (no explicit or implicit
+        use) and that is not a graph output. Returns True if it was removed."""
+        if value is None or not value.is_const or self.initializers.get(value.name) is not value:
+            return False
+        if value.uses or any(o is value for o in self.outputs):
+            return False
+        self.remove_initializer(value)
+        return True
+
     def replace_all_uses_with(self, old: Value, new: Value) -> None:
         """Make every user of ``old`` (and graph outputs) read ``new`` instead.
 
@@ -533,15 +577,6 @@ class Graph:
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"Graph({self.name!r}, {len(self.nodes)} nodes, {len(self.initializers)} initializers)"
-
-
-@dataclass
-class Provenance:
-    """Structured view of ``node.meta`` provenance (for printers and reports)."""
-
-    source: str
-    created_by: str = ""
-    history: list[str] = field(default_factory=list)
 
 
 def mark_changed(node: Node, pass_name: str) -> None:

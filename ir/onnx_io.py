@@ -145,7 +145,7 @@ def from_onnx_model(model: onnx.ModelProto, _infer: bool = True) -> Graph:
         g.initializers[t.name] = v
         init_names.add(t.name)
     for st in mg.sparse_initializer:
-        arr = _sparse_to_dense(st)
+        arr = sparse_to_dense(st)
         name = st.values.name
         v = Value(name, const=arr)
         g._register_value(v)
@@ -236,7 +236,7 @@ def _type_of(vi: onnx.ValueInfoProto):
     return dt, tuple(dims)
 
 
-def _sparse_to_dense(st: onnx.SparseTensorProto) -> np.ndarray:
+def sparse_to_dense(st: onnx.SparseTensorProto) -> np.ndarray:
     values = numpy_helper.to_array(st.values)
     idx = numpy_helper.to_array(st.indices)
     dims = tuple(st.dims)
@@ -321,7 +321,7 @@ def _free_names(sg: onnx.GraphProto) -> set[str]:
 
 
 # ------------------------------------------------------------------------ lowering
-def _make_attr(name: str, value: Any, attr_type: int | None) -> onnx.AttributeProto:
+def make_attribute(name: str, value: Any, attr_type: int | None) -> onnx.AttributeProto:
     if isinstance(value, onnx.AttributeProto):
         a = onnx.AttributeProto()
         a.CopyFrom(value)
@@ -363,7 +363,7 @@ def to_onnx_model(graph: Graph, *, check: bool = True, value_info: bool = False)
         infer_shapes(graph)
     nodes = []
     for n in graph.topological_order():
-        attrs = [_make_attr(k, n.attrs[k], n.attr_types.get(k)) for k in sorted(n.attrs)]
+        attrs = [make_attribute(k, n.attrs[k], n.attr_types.get(k)) for k in sorted(n.attrs)]
         outs = ["" if o.meta.get("optional_unused") else o.name for o in n.outputs]
         np_ = helper.make_node(n.op_type, [i.name if i is not None else "" for i in n.inputs], outs,
                                name=n.name, domain=n.domain or None)
@@ -437,3 +437,22 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def raise_opset(graph: Graph, target: int, *, who: str = "") -> bool:
+    """Upgrade the default-domain opset of ``graph`` (in place) to ``target`` with
+    ``onnx.version_converter``; node names and provenance are kept. Returns True if changed."""
+    if graph.opset >= target:
+        return False
+    from .errors import UnsupportedOpError
+
+    model = to_onnx_model(graph, check=False)
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as e:
+        label = f"pass '{who}': " if who else ""
+        raise UnsupportedOpError(f"{label}cannot raise the opset of '{graph.name}' from {graph.opset} "
+                                 f"to {target} with onnx.version_converter: {str(e).splitlines()[0]}") from None
+    graph.replace_contents(from_onnx_model(converted))
+    graph.meta["upgraded_opset"] = target
+    return True

@@ -13,7 +13,7 @@ import importlib
 from .base import PASSES, Pass, PassContext, get_pass, list_passes, register
 
 #: infrastructure modules of this package; every other public module defines passes
-_INFRA_MODULES = {"base", "pipeline", "manager"}
+_INFRA_MODULES = {"base", "pipeline", "manager", "requirements"}
 
 _loaded = False
 

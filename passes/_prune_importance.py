@@ -161,7 +161,7 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
     import torch
     import torch.nn.functional as F
 
-    from ..runtime.to_torch import PARAM_MAP_ATTR, to_torch
+    from ..runtime.torch_lowering import PARAM_MAP_ATTR, to_torch
 
     module = to_torch(graph)
     module.eval()

@@ -178,12 +178,7 @@ def replace_outputs_with_constants(g: Graph, node: Node, arrays: Sequence[np.nda
 
 def remove_if_unused_initializer(g: Graph, v: Value | None) -> bool:
     """Drop ``v`` when it is an initializer nobody reads any more."""
-    if v is None or not v.is_const or g.initializers.get(v.name) is not v:
-        return False
-    if is_used(g, v):
-        return False
-    g.remove_initializer(v)
-    return True
+    return g.remove_initializer_if_unused(v)
 
 
 def broadcast_keeps_shape(x: Value, c: np.ndarray) -> bool:

@@ -1,27 +1,35 @@
-"""Pass base class, typed options, the registry and the pass context.
+"""Pass base class, typed options, the result object, requirements, the registry and the context.
 
-A pass is one class in one file::
+A pass is one class in one file (``passes/dce.py`` is the smallest real one)::
 
     @register
     class DeadCodeElimination(Pass):
-        '''Remove nodes whose outputs nobody uses. (first line = summary)
+        '''Remove nodes whose outputs nobody uses, and initializers nobody reads. (first line = summary)
 
         Rewrite rules: ...
         Preconditions: ...
         '''
         name = "dce"
         exact = True            # outputs unchanged (the PassManager checks it)
+        requires = frozenset()  # e.g. {"bn-folded", "shapes", "calib-data", "opset>=13"}
 
         @dataclass
         class Options:
-            keep_unused_inputs: bool = True
+            remove_unused_initializers: bool = True
+            keep_custom_domains: bool = False
 
-        def run(self, graph, ctx) -> bool:   # True when the graph changed
+        def run(self, graph, ctx) -> PassResult:
             ...
+            return PassResult(changed=True, metrics={"removed_nodes": 3})
 
-Options are a dataclass; pipeline strings (``dce{keep_unused_inputs=false}``) are parsed
+Options are a dataclass; pipeline strings (``dce{keep_custom_domains=true}``) are parsed
 against its field types (int, float, bool, str, Literal[...] choices, lists) and a bad
 name or value raises :class:`PassOptionError` naming the pass and option.
+
+``run`` returns a :class:`PassResult`; a pass object keeps no state between runs (everything a
+run found goes into its result). Requirements (:mod:`nnsculpt.passes.requirements`) are met
+before ``run`` is called: by the PassManager (which reports the enabling passes it inserted)
+or, when a pass is called directly, by :meth:`Pass.__call__`.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import logging
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import numpy as np
 
@@ -43,32 +51,101 @@ log = logging.getLogger("nnsculpt.passes")
 
 
 @dataclass
+class PassResult:
+    """What one run of a pass returns.
+
+    ``changed``: whether the graph changed; ``notes``: human-readable messages (left alone X
+    because Y; what was done), collected from :meth:`PassContext.note` during the run plus any
+    the pass adds; ``artifacts``: structured, JSON-serialisable findings (a pruning plan, chosen
+    ranks, a sensitivity ranking); ``metrics``: numbers (layers rewritten, error reached).
+    ``inserted`` lists the results of enabling passes run to meet this pass's requirements.
+    The PassManager writes all of it into ``report.json``.
+    """
+
+    changed: bool = False
+    notes: list[str] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    inserted: list["InsertedPass"] = field(default_factory=list)
+    pass_name: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (numpy scalars / arrays become Python numbers / lists)."""
+        return {"changed": self.changed, "notes": list(self.notes), "artifacts": jsonable(self.artifacts),
+                "metrics": jsonable(self.metrics)}
+
+
+@dataclass
+class InsertedPass:
+    """An enabling pass run because ``for_pass`` requires ``requirement``."""
+
+    requirement: str
+    for_pass: str
+    pass_: "Pass"
+    result: PassResult
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy values, tuples, sets and dataclasses turned into JSON types."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (set, frozenset)):
+        return sorted(jsonable(v) for v in x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return jsonable(dataclasses.asdict(x))
+    if hasattr(x, "as_dict"):
+        return jsonable(x.as_dict())
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    return x
+
+
+@dataclass
 class PassContext:
-    """What a pass may need beyond the graph.
+    """What a pass may need beyond the graph: inputs to the run, never outputs of it.
 
     ``calib_data``: named sample inputs (arrays with a batch dim) for data-driven passes;
-    ``seed``: for anything random; ``notes``: per-pass messages collected into the report
-    (e.g. "left node X alone: unknown op"). ``extra`` is free-form for pass families.
+    ``labels``: integer labels aligned with ``calib_data`` (Taylor importance); ``seed``: for
+    anything random; ``finetune(graph, step)``: called between the steps of iterative passes
+    (it may train through ``to_torch`` / ``write_back``); ``allow_opset_raise``: whether
+    a requirement such as ``opset>=13`` may be met by raising the model's opset.
     """
 
     calib_data: dict[str, np.ndarray] | None = None
     seed: int = 0
-    notes: dict[str, list[str]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+    finetune: Callable[[Graph, int], Any] | None = None
+    allow_opset_raise: bool = True
     current_pass: str = ""
+    sink: list[str] | None = field(default=None, repr=False)
 
     def note(self, message: str) -> None:
-        """Record a message for the running pass (it lands in report.json)."""
-        self.notes.setdefault(self.current_pass or "?", []).append(message)
+        """Record a message for the running pass (it lands in its :class:`PassResult` and in
+        report.json)."""
+        if self.sink is not None:
+            self.sink.append(message)
         log.info("[%s] %s", self.current_pass, message)
 
 
 class Pass:
-    """Base class of every pass. Subclasses set ``name``, ``Options`` and ``run``."""
+    """Base class of every pass. Subclasses set ``name``, ``Options`` and ``run``; passes whose
+    needs depend on their options override :meth:`requirements`."""
 
     name: ClassVar[str] = ""
     #: exact passes must not change outputs (≤1e-5 relative); lossy ones report drift
     exact: ClassVar[bool] = True
+    #: properties the graph / context must have before ``run`` (see ``passes.requirements``)
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: properties the graph has after ``run`` (an enabling pass guarantees what it enables)
+    guarantees: ClassVar[frozenset[str]] = frozenset()
+    #: advice appended to the error when a requirement cannot be met (by requirement kind)
+    requirement_hints: ClassVar[dict[str, str]] = {}
 
     @dataclass
     class Options:
@@ -77,17 +154,38 @@ class Pass:
     def __init__(self, **options: Any):
         self.options = self.Options(**_coerce_options(self, options))
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:  # pragma: no cover - abstract
+    def requirements(self) -> frozenset[str]:
+        """What this pass, with its options, needs; default: the class's ``requires``."""
+        return frozenset(self.requires)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> bool:
+    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
+        """Meet the requirements (running enabling passes), then run the pass."""
+        from .requirements import satisfy
+
         ctx = ctx or PassContext()
-        prev = ctx.current_pass
-        ctx.current_pass = self.name
+        inserted = satisfy(self, graph, ctx)
+        result = self.run_only(graph, ctx)
+        result.inserted = inserted + result.inserted
+        return result
+
+    def run_only(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Run the pass without meeting its requirements (the PassManager meets them first)."""
+        sink: list[str] = []
+        prev_pass, prev_sink = ctx.current_pass, ctx.sink
+        ctx.current_pass, ctx.sink = self.name, sink
         try:
-            return bool(self.run(graph, ctx))
+            result = self.run(graph, ctx)
         finally:
-            ctx.current_pass = prev
+            ctx.current_pass, ctx.sink = prev_pass, prev_sink
+        if not isinstance(result, PassResult):
+            raise TypeError(f"pass '{self.name}' ({type(self).__name__}.run) returned {type(result).__name__}, "
+                            f"not a PassResult")
+        result.notes = sink + [n for n in result.notes if n not in sink]
+        result.pass_name = self.name
+        return result
 
     # helpers for subclasses
     def changed(self, node: Node) -> Node:

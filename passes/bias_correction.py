@@ -7,10 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-from ..ir.analysis import infer_shapes
-from ..ir.errors import InputDataError
 from ..ir.graph import Graph, Node
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 from .quantize import FLOAT32, quantize_weight
 
 
@@ -45,21 +43,16 @@ class BiasCorrection(Pass):
         fold_bn: bool = True
         min_shift: float = 0.0
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"calib-data", "shapes"} | ({"bn-folded"} if self.options.fold_bn else set()))
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from ..runtime.calibrate import collect_channel_means
 
         o = self.options
-        if not ctx.calib_data:
-            raise InputDataError("pass 'bias-correction': needs calibration data (--calib-data X.npz / "
-                                 "ctx.calib_data) to estimate the mean input of each layer")
-        if o.fold_bn and any(n.op_type == "BatchNormalization" for n in graph.nodes):
-            from .fold_bn import FoldBatchNorm
-
-            FoldBatchNorm()(graph, ctx)
-        infer_shapes(graph)
         layers = [n for n in graph.nodes if self._eligible(n)]
         if not layers:
-            return False
+            return PassResult(changed=False)
         inputs = sorted({n.inputs[0].name for n in layers})
         axis_of = {n.inputs[0].name: (1 if n.op_type == "Conv" else -1) for n in layers}
         means: dict[str, np.ndarray] = {}
@@ -96,7 +89,8 @@ class BiasCorrection(Pass):
         ctx.note(f"corrected the bias of {corrected} layer(s) for {o.weights} "
                  f"{'per-channel' if o.per_channel else 'per-tensor'} weights; mean |shift| "
                  f"{np.mean(shifts) if shifts else 0:.3g}")
-        return corrected > 0
+        return PassResult(changed=corrected > 0, metrics={"corrected_layers": corrected,
+                                                         "mean_abs_shift": float(np.mean(shifts)) if shifts else 0.0})
 
     @staticmethod
     def _eligible(n: Node) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..ir.analysis import infer_shapes
 from ..ir.graph import Graph, Node
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 from ._util import (const_of, constant_node_value, has_implicit_uses, is_default_domain,
                     is_graph_output, is_plain, rebuild_node, replace_outputs_with_constants)
 
@@ -51,7 +51,7 @@ class Canonicalize(Pass):
         matmul_add_to_gemm: bool = True
         sort: bool = True
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         changed = False
         if o.constants_to_initializers:
@@ -66,7 +66,7 @@ class Canonicalize(Pass):
             if [id(n) for n in graph.nodes] != before:
                 ctx.note("reordered nodes topologically")
                 changed = True
-        return changed
+        return PassResult(changed=changed)
 
     # ------------------------------------------------------------------------------
     def _constants(self, g: Graph, ctx: PassContext) -> bool:

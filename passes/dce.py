@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.graph import Graph
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 from ._util import is_default_domain, is_used
 
 
@@ -37,7 +37,7 @@ class DeadCodeElimination(Pass):
         remove_unused_initializers: bool = True
         keep_custom_domains: bool = False
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = self.options
         removed_nodes = 0
         kept_custom: list[str] = []
@@ -67,4 +67,5 @@ class DeadCodeElimination(Pass):
             ctx.note(f"kept {len(kept_custom)} unused custom-domain node(s): {', '.join(kept_custom[:10])}")
         if removed_nodes or removed_inits:
             ctx.note(f"removed {removed_nodes} dead node(s) and {removed_inits} unused initializer(s)")
-        return bool(removed_nodes or removed_inits)
+        return PassResult(changed=bool(removed_nodes or removed_inits),
+                          metrics={"removed_nodes": removed_nodes, "removed_initializers": removed_inits})

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir.analysis import infer_shapes
 from ..ir.graph import Graph, Node, Value
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 from ._util import (broadcast_keeps_shape, const_of, has_implicit_uses, is_graph_output, is_plain,
                     is_used, onnx_to_np_dtype, remove_if_unused_initializer, static_shape)
 
@@ -47,13 +46,13 @@ class EliminateIdentity(Pass):
 
     name = "eliminate-identity"
     exact = True
+    requires = frozenset({"shapes"})
 
     @dataclass
     class Options:
         arithmetic: bool = True
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
-        infer_shapes(graph)
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed: list[str] = []
         for node in list(graph.nodes):
             if node.graph is not graph or not is_plain(node) or not node.outputs:
@@ -78,7 +77,7 @@ class EliminateIdentity(Pass):
         if removed:
             ctx.note(f"removed {len(removed)} no-op node(s): {', '.join(removed[:10])}"
                      + (f" (+{len(removed) - 10} more)" if len(removed) > 10 else ""))
-        return bool(removed)
+        return PassResult(changed=bool(removed), metrics={"removed": len(removed)})
 
     @staticmethod
     def _can_take_name(g: Graph, x: Value) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import Graph, Node, Value
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 
 #: activations f with f(s x) = s f(x) for s > 0, applied per element (PRelu: per channel slope)
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "Identity")
@@ -164,16 +164,14 @@ class Equalize(Pass):
             ctx.note(f"{clipped} layer pair(s) through Clip/ReLU6 left alone (not positively homogeneous)")
         return pairs
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
-        o = self.options
-        folded = False
-        if o.fold_bn and any(n.op_type == "BatchNormalization" for n in graph.nodes):
-            from .fold_bn import FoldBatchNorm
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"bn-folded"}) if self.options.fold_bn else frozenset()
 
-            folded = FoldBatchNorm()(graph, ctx)
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
         pairs = self._pairs(graph, ctx)
         if not pairs:
-            return folded
+            return PassResult(changed=False)
         # float64 working copies, written back once at the end
         weights: dict[str, np.ndarray] = {}
         for p in pairs:
@@ -214,7 +212,8 @@ class Equalize(Pass):
         ctx.note(f"equalized {len(pairs)} layer pair(s) in {it + 1} sweep(s); median per-tensor/per-channel "
                  f"range ratio of the first layers {np.median(list(before.values())):.1f} -> "
                  f"{np.median(list(after.values())):.1f} (x{gain:.1f} tighter)")
-        return True
+        return PassResult(changed=True, metrics={"pairs": len(pairs), "sweeps": it + 1, "range_gain": float(gain)},
+                          artifacts={"pairs": [[p.first.name, p.second.name] for p in pairs]})
 
     @staticmethod
     def _imbalance(lay: _Layer) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..ir.analysis import infer_shapes
 from ..ir.graph import Graph, Node, Value
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 from ._util import (const_of, has_implicit_uses, is_default_domain, is_graph_output, is_used,
                     rebuild_node, remove_if_unused_initializer)
 
@@ -47,23 +47,30 @@ class FoldBatchNorm(Pass):
 
     name = "fold-bn"
     exact = True
+    guarantees = frozenset({"bn-folded"})
 
     @dataclass
     class Options:
         fold_gemm: bool = True
         fold_matmul: bool = True
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         changed = False
+        folded = left = 0
         for bn in list(graph.nodes):
             if bn.graph is not graph or bn.op_type != "BatchNormalization" or not is_default_domain(bn):
                 continue
             why = self._fold(graph, bn)
             if why is None:
                 changed = True
-            elif why:
-                ctx.note(f"left BatchNormalization '{bn.name}' alone: {why}")
-        return changed
+                folded += 1
+            else:
+                left += 1
+                if why:
+                    ctx.note(f"left BatchNormalization '{bn.name}' alone: {why}")
+        if folded:
+            ctx.note(f"folded {folded} BatchNormalization node(s) into the layers before them")
+        return PassResult(changed=changed, metrics={"folded": folded, "left": left})
 
     # ------------------------------------------------------------------------------
     def _fold(self, g: Graph, bn: Node) -> str | None:

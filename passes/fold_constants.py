@@ -8,7 +8,7 @@ import numpy as np
 
 from ..ir.analysis import infer_shapes
 from ..ir.graph import Graph, Node
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 from ._util import (NONDETERMINISTIC_OPS, has_implicit_uses, is_default_domain, is_graph_output,
                     remove_if_unused_initializer, replace_outputs_with_constants, static_shape)
 
@@ -64,7 +64,7 @@ class FoldConstants(Pass):
         skip_ops: list[str] = field(default_factory=list)
         max_iterations: int = 8
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         changed = False
         skipped: dict[str, list[str]] = {}
         for _ in range(max(1, self.options.max_iterations)):
@@ -79,7 +79,7 @@ class FoldConstants(Pass):
         for why, names in skipped.items():
             shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
             ctx.note(f"not folded ({why}): {shown}")
-        return changed
+        return PassResult(changed=changed, artifacts={"not_folded": skipped} if skipped else {})
 
     # ------------------------------------------------------------------------------
     def _sweep(self, g: Graph, skipped: dict[str, list[str]]) -> bool:
@@ -206,7 +206,7 @@ def _evaluate(g: Graph, node: Node) -> list[np.ndarray] | None:
     import onnx
     from onnx import helper
 
-    from ..ir.onnx_io import _make_attr, onnx_dtype
+    from ..ir.onnx_io import make_attribute, onnx_dtype
 
     in_names, feeds, vis = [], {}, []
     for i, v in enumerate(node.inputs):
@@ -220,7 +220,7 @@ def _evaluate(g: Graph, node: Node) -> list[np.ndarray] | None:
         vis.append(helper.make_tensor_value_info(nm, onnx_dtype(arr.dtype), list(arr.shape)))
     out_names = [f"out{i}" for i in range(len(node.outputs))]
     onode = helper.make_node(node.op_type, in_names, out_names, domain=node.domain or None)
-    onode.attribute.extend(_make_attr(k, node.attrs[k], node.attr_types.get(k)) for k in sorted(node.attrs))
+    onode.attribute.extend(make_attribute(k, node.attrs[k], node.attr_types.get(k)) for k in sorted(node.attrs))
     outs_vi = [helper.make_tensor_value_info(n, 0, None) for n in out_names]
     og = helper.make_graph([onode], "fold", vis, outs_vi)
     model = helper.make_model(og, opset_imports=[helper.make_opsetid("", g.opset or 17)])

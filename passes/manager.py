@@ -10,13 +10,23 @@ params / FLOPs / MACs / bytes before and after. Optionally it
   :class:`NumericsError`; a lossy pass has its drift recorded,
 * dumps the IR text after every pass (``dump_dir``) and/or streams it (``print_ir``).
 
+Before each pass its declared requirements are met (:mod:`nnsculpt.passes.requirements`):
+an enabling pass (``fold-bn`` for ``bn-folded``, ``raise-opset`` for ``opset>=N``) runs as an
+entry of its own, marked ``"inserted": true`` with the requirement and the pass it served.
+Each entry carries the pass's :class:`PassResult` -- notes, artifacts, metrics.
+
+Drift guard (never a silently broken model): with numerics checked, a pass whose outputs
+drift past ``warn_drift`` (top-1 agreement below ``min_top1``, cosine below ``min_cosine``)
+adds a warning to the report (``report["warnings"]``, printed by the CLI); with
+``fail_on_drift`` that warning is a :class:`DriftError` instead.
+
 ``run`` returns a :class:`RunResult` whose ``report`` is what ``report.json`` holds.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +36,12 @@ import numpy as np
 
 from .. import __version__
 from ..ir.analysis import graph_stats
-from ..ir.errors import NumericsError, VerificationError
+from ..ir.errors import DriftError, NumericsError, VerificationError
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
 from ..ir.verifier import verify as verify_graph
-from .base import Pass, PassContext
+from .base import InsertedPass, Pass, PassContext, PassResult, jsonable
+from .requirements import satisfy
 
 
 @dataclass
@@ -38,6 +49,7 @@ class RunResult:
     graph: Graph
     report: dict[str, Any]
     ctx: PassContext = field(default_factory=PassContext)
+    results: list[PassResult] = field(default_factory=list)
 
     def write_report(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -63,13 +75,17 @@ def _max_rel(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str
     return worst
 
 
+log = logging.getLogger("nnsculpt.passes")
+
+
 class PassManager:
     """Run ``passes`` in order on a graph (in place) and collect a report."""
 
     def __init__(self, passes: list[Pass], *, verify: bool = True, check_numerics: bool = False,
                  sample_inputs: dict[str, np.ndarray] | None = None, tolerance: float = 1e-5,
                  dump_dir: str | Path | None = None, print_ir: TextIO | Callable[[str], Any] | None = None,
-                 stats: bool = True):
+                 stats: bool = True, min_top1: float = 0.98, min_cosine: float = 0.99,
+                 max_rel_drift: float | None = None, fail_on_drift: bool = False):
         self.passes = list(passes)
         self.verify = verify
         self.check_numerics = check_numerics
@@ -78,6 +94,10 @@ class PassManager:
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.print_ir = print_ir
         self.stats = stats
+        self.min_top1 = min_top1
+        self.min_cosine = min_cosine
+        self.max_rel_drift = max_rel_drift
+        self.fail_on_drift = fail_on_drift
 
     def _emit_ir(self, graph: Graph, index: int, label: str) -> None:
         if self.dump_dir is None and self.print_ir is None:
@@ -98,8 +118,18 @@ class PassManager:
 
         return run(graph, inputs)
 
+    def _drift_warning(self, name: str, total: dict[str, float]) -> str | None:
+        why = []
+        if "top1_agreement" in total and total["top1_agreement"] < self.min_top1:
+            why.append(f"top-1 agreement with the input model {total['top1_agreement']:.3f} < {self.min_top1:g}")
+        if total["cosine"] < self.min_cosine:
+            why.append(f"output cosine {total['cosine']:.4f} < {self.min_cosine:g}")
+        if self.max_rel_drift is not None and total["max_rel"] > self.max_rel_drift:
+            why.append(f"max relative error {total['max_rel']:.3g} > {self.max_rel_drift:g}")
+        return f"after pass '{name}': " + "; ".join(why) if why else None
+
     def run(self, graph: Graph, ctx: PassContext | None = None) -> RunResult:
-        from ..passes.pipeline import format_pipeline
+        from .pipeline import format_pipeline
 
         ctx = ctx or PassContext()
         report: dict[str, Any] = {
@@ -115,8 +145,8 @@ class PassManager:
         report["before"] = before
         self._emit_ir(graph, 0, "input")
 
-        ref = prev = None
-        inputs = None
+        state: dict[str, Any] = {"ref": None, "prev": None, "inputs": None, "stats": before, "index": 0,
+                                 "warnings": [], "results": []}
         if self.check_numerics:
             from ..runtime.ort import make_inputs
 
@@ -125,40 +155,37 @@ class PassManager:
                 inputs = {k: v[:8] for k, v in ctx.calib_data.items()}
             if inputs is None:
                 inputs = make_inputs(graph, batch=2, seed=ctx.seed)
-            ref = prev = self._outputs(graph, inputs)
+            state["inputs"] = inputs
+            state["ref"] = state["prev"] = self._outputs(graph, inputs)
 
-        stats_prev = before
-        for i, p in enumerate(self.passes, start=1):
+        def execute(p: Pass, inserted: InsertedPass | None = None, requirement: str = "",
+                    for_pass: str = "") -> PassResult:
             t0 = time.perf_counter()
-            changed = p(graph, ctx)
+            res = p.run_only(graph, ctx)
             elapsed = time.perf_counter() - t0
             entry: dict[str, Any] = {"name": p.name, "options": p.options_dict(), "exact": p.exact,
-                                     "changed": changed, "time_s": round(elapsed, 6)}
-            if self.verify:
-                try:
-                    verify_graph(graph)
-                except VerificationError as e:
-                    raise VerificationError(f"after pass '{p.name}': {e}") from None
-            if self.stats:
-                after = graph_stats(graph).as_dict()
-                entry["before"] = {k: v for k, v in stats_prev.items() if k != "op_histogram"}
-                entry["after"] = {k: v for k, v in after.items() if k != "op_histogram"}
-                stats_prev = after
-            if self.check_numerics:
-                cur = self._outputs(graph, inputs)
-                step = _max_rel(prev, cur)
-                total = _max_rel(ref, cur)
-                entry["drift_vs_previous"] = step
-                entry["drift_vs_input"] = total
-                if p.exact and step["max_rel"] > self.tolerance:
-                    raise NumericsError(
-                        f"exact pass '{p.name}' changed the outputs: max relative error "
-                        f"{step['max_rel']:.3g} > tolerance {self.tolerance:g}")
-                prev = cur
-            if ctx.notes.get(p.name):
-                entry["notes"] = list(ctx.notes[p.name])
+                                     "changed": res.changed, "time_s": round(elapsed, 6)}
+            if requirement:
+                entry.update(inserted=True, requirement=requirement, inserted_for=for_pass)
+            reqs = sorted(p.requirements())
+            if reqs:
+                entry["requires"] = reqs
+            self._after(graph, p, entry, state)
+            if res.notes:
+                entry["notes"] = list(res.notes)
+            if res.artifacts:
+                entry["artifacts"] = jsonable(res.artifacts)
+            if res.metrics:
+                entry["metrics"] = jsonable(res.metrics)
             report["passes"].append(entry)
-            self._emit_ir(graph, i, p.name)
+            state["results"].append(res)
+            state["index"] += 1
+            self._emit_ir(graph, state["index"], p.name)
+            return res
+
+        for p in self.passes:
+            satisfy(p, graph, ctx, run=lambda e, req, who: execute(e, requirement=req, for_pass=who))
+            execute(p)
         report["after"] = graph_stats(graph).as_dict() if self.stats else None
         if self.stats and before:
             a = report["after"]
@@ -166,19 +193,39 @@ class PassManager:
                 k: {"before": before[k], "after": a[k], "ratio": (a[k] / before[k]) if before[k] else None}
                 for k in ("nodes", "params", "flops", "macs", "weight_bytes", "model_bytes")}
         if self.check_numerics:
-            report["numerics"] = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
-                                  **_max_rel(ref, prev)}
-        return RunResult(graph, report, ctx)
+            report["numerics"] = {"inputs": {k: list(v.shape) for k, v in state["inputs"].items()},
+                                  **_max_rel(state["ref"], state["prev"])}
+        report["warnings"] = state["warnings"]
+        return RunResult(graph, report, ctx, state["results"])
 
-
-def run_pipeline(graph: Graph, pipeline: str | list[Pass], ctx: PassContext | None = None,
-                 **kwargs: Any) -> RunResult:
-    """Convenience: parse ``pipeline`` (string or passes) and run it on ``graph``."""
-    from .pipeline import resolve_pipeline
-
-    passes = resolve_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-    return PassManager(passes, **kwargs).run(graph, ctx)
-
-
-def _stderr_printer(text: str) -> None:  # pragma: no cover - trivial
-    sys.stderr.write(text)
+    def _after(self, graph: Graph, p: Pass, entry: dict[str, Any], state: dict[str, Any]) -> None:
+        """Verify, measure and check numerics after pass ``p``; fills ``entry``."""
+        if self.verify:
+            try:
+                verify_graph(graph)
+            except VerificationError as e:
+                raise VerificationError(f"after pass '{p.name}': {e}") from None
+        if self.stats:
+            after = graph_stats(graph).as_dict()
+            entry["before"] = {k: v for k, v in state["stats"].items() if k != "op_histogram"}
+            entry["after"] = {k: v for k, v in after.items() if k != "op_histogram"}
+            state["stats"] = after
+        if not self.check_numerics:
+            return
+        cur = self._outputs(graph, state["inputs"])
+        step = _max_rel(state["prev"], cur)
+        total = _max_rel(state["ref"], cur)
+        entry["drift_vs_previous"] = step
+        entry["drift_vs_input"] = total
+        if p.exact and step["max_rel"] > self.tolerance:
+            raise NumericsError(
+                f"exact pass '{p.name}' changed the outputs: max relative error "
+                f"{step['max_rel']:.3g} > tolerance {self.tolerance:g}")
+        state["prev"] = cur
+        warning = None if p.exact else self._drift_warning(p.name, total)
+        if warning:
+            if self.fail_on_drift:
+                raise DriftError(warning + " (fail_on_drift)")
+            log.warning(warning)
+            entry["warning"] = warning
+            state["warnings"].append(warning)

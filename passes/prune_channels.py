@@ -21,21 +21,13 @@ import numpy as np
 from ..ir.analysis import graph_stats, node_costs
 from ..ir.channel_deps import (ChannelDeps, DepGroup, apply_channel_removal, channel_dependencies,
                                zero_channels)
-from ..ir.errors import InputDataError, NNSculptError, PassOptionError
+from ..ir.errors import MissingCalibrationDataError, NNSculptError, PassOptionError
 from ..ir.graph import Graph
 from ._prune_importance import DATA_DRIVEN, group_importance, unit_index
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 
 log = logging.getLogger("nnsculpt.passes")
 
-#: ``ctx.extra`` keys understood by the pass (Python API)
-FINETUNE_KEY = "prune-channels.finetune"   # callable(graph, step) -> None, between steps
-LABELS_KEY = "prune-channels.labels"       # int labels aligned with ctx.calib_data (taylor)
-RESULT_KEY = "prune-channels.result"       # the pass writes a summary dict here
-
-
-class MissingCalibrationDataError(InputDataError):
-    """A data-driven criterion (taylor, activation, apoz) was asked for without calibration data."""
 
 
 # ============================================================================ cost model
@@ -106,7 +98,7 @@ def recalibrate_batchnorm(graph: Graph, calib: dict[str, np.ndarray], *, max_sam
     import torch
     from torch import nn
 
-    from ..runtime.to_torch import to_torch, write_back
+    from ..runtime.torch_lowering import to_torch, write_back
 
     module = to_torch(graph)
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -267,7 +259,7 @@ class PruneChannels(Pass):
             self._target = (kind, frac)
 
     # ------------------------------------------------------------------------------ run
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         if o.importance in DATA_DRIVEN and ctx.calib_data is None:
             raise MissingCalibrationDataError(
@@ -275,9 +267,9 @@ class PruneChannels(Pass):
                 f"(--calib-data X.npz, or PassContext(calib_data=...)); data-free criteria: l2, l1, bn_gamma, random")
         if o.ratio == 0.0 and self._target is None:
             ctx.note("ratio=0: nothing to prune")
-            return False
+            return PassResult(changed=False)
         self._check_protect(graph)
-        finetune: Callable[[Graph, int], Any] | None = ctx.extra.get(FINETUNE_KEY)
+        finetune: Callable[[Graph, int], Any] | None = ctx.finetune
         st0 = graph_stats(graph)
         # abs(): FLOPs of graphs whose unknown dims were exported as -1 come out negative
         base = {"flops": abs(float(st0.flops)), "params": float(st0.params)}
@@ -293,10 +285,11 @@ class PruneChannels(Pass):
                 ctx.note(f"re-estimated the running statistics of {n} BatchNormalization nodes on the calibration data")
         st1 = graph_stats(graph)
         result["after"] = {"flops": st1.flops, "params": st1.params}
-        ctx.extra[RESULT_KEY] = result
         ctx.note(f"flops {st0.flops:,} -> {st1.flops:,} ({st1.flops / st0.flops if st0.flops else 1.0:.3f}), "
                  f"params {st0.params:,} -> {st1.params:,} ({st1.params / max(1, st0.params):.3f})")
-        return changed
+        return PassResult(changed=changed, artifacts=result,
+                          metrics={"flops_ratio": st1.flops / st0.flops if st0.flops else 1.0,
+                                   "params_ratio": st1.params / max(1, st0.params)})
 
     def _check_protect(self, graph: Graph) -> None:
         import fnmatch
@@ -315,7 +308,7 @@ class PruneChannels(Pass):
             self._note_groups(ctx, deps)
         notes: list[str] = []
         scores = group_importance(deps, o.importance, graph=graph, groups=groups, calib=ctx.calib_data,
-                                  labels=ctx.extra.get(LABELS_KEY), reduction=o.reduction,
+                                  labels=ctx.labels, reduction=o.reduction,
                                   consumers=o.consumers, seed=ctx.seed, max_samples=o.max_samples,
                                   notes=notes)
         for n in notes if first else []:

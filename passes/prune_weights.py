@@ -11,7 +11,7 @@ import numpy as np
 
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, Node, Value
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 
 #: ops whose constant weight this pass prunes
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
@@ -120,11 +120,11 @@ class PruneWeights(Pass):
             raise bad("ops", f"each must be one of {', '.join(PRUNABLE_OPS)}")
 
     # ------------------------------------------------------------------------ run
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers = self._select(graph, ctx)
         if not layers:
             ctx.note("no prunable weight found")
-            return False
+            return PassResult(changed=False)
         o = self.options
         weights = [np.asarray(l.weight.const) for l in layers]
         if self.nm is not None:
@@ -164,9 +164,11 @@ class PruneWeights(Pass):
         total_z = sum(int(v["zeros"]) for v in _unique_weights(record["layers"]).values())
         record["total"] = {"params": total_p, "zeros": total_z,
                            "sparsity": total_z / total_p if total_p else 0.0, "rule": rule}
-        ctx.extra["sparsity"] = record
         ctx.note(f"total: {total_z}/{total_p} pruned weights zero ({record['total']['sparsity']:.1%}), rule {rule}")
-        return changed
+        summary = {"layers": {k: {kk: vv for kk, vv in v.items() if kk != "mask"} for k, v in record["layers"].items()},
+                   "total": dict(record["total"])}
+        return PassResult(changed=changed, artifacts={"sparsity": summary},
+                          metrics={"sparsity": record["total"]["sparsity"], "zeros": total_z, "params": total_p})
 
     # ----------------------------------------------------------------- selection
     def _select(self, g: Graph, ctx: PassContext) -> list[_Layer]:

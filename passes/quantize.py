@@ -10,15 +10,15 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..ir.analysis import infer_shapes
-from ..ir.errors import InputDataError, PassOptionError, UnsupportedOpError
+
+from ..ir.errors import InputDataError, PassOptionError
 from ..ir.graph import Graph, Node, Value
 from ._quant_table import OpQuant, spec_for
-from .base import Pass, PassContext, register
+from .base import Pass, PassContext, PassResult, register
 
 log = logging.getLogger("nnsculpt.passes.quantize")
 
-__all__ = ["Quantize", "quantize_weight", "raise_opset", "QuantPlan", "ActQuant"]
+__all__ = ["Quantize", "quantize_weight", "QuantPlan", "ActQuant"]
 
 FLOAT32 = np.dtype(np.float32)
 #: dynamic mode quantizes these by default: ORT fuses them into DynamicQuantizeMatMul, while
@@ -86,45 +86,6 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zp=0, axis: int | None = None,
     s = _broadcast_scale(np.asarray(scale, np.float32), qf, axis, block_size)
     z = _broadcast_scale(np.asarray(zp).astype(np.float32), qf, axis, block_size)
     return ((qf - z) * s).astype(np.float32)
-
-
-def _adopt(graph: Graph, new: Graph) -> None:
-    """Make ``graph`` (the object the PassManager holds) take over ``new``'s contents."""
-    old_meta = {n.name: n.meta for n in graph.nodes}
-    for attr in ("nodes", "inputs", "outputs", "initializers", "values", "opset_imports", "ir_version",
-                 "functions"):
-        setattr(graph, attr, getattr(new, attr))
-    for v in graph.values.values():
-        v.graph = graph
-    for n in graph.nodes:
-        n.graph = graph
-        if n.name in old_meta:
-            n.meta = dict(old_meta[n.name])
-    graph._name_counter = {}
-    graph.meta.pop("_analysis_cache", None)
-    graph.meta.pop("_node_names", None)
-    graph._touch()
-
-
-def raise_opset(graph: Graph, target: int, *, who: str = "quantize") -> bool:
-    """Upgrade the default-domain opset of ``graph`` (in place) to ``target`` with
-    ``onnx.version_converter``; node names and provenance are kept. Returns True if changed."""
-    if graph.opset >= target:
-        return False
-    import onnx
-
-    from ..ir.onnx_io import from_onnx_model, to_onnx_model
-
-    model = to_onnx_model(graph, check=False)
-    try:
-        converted = onnx.version_converter.convert_version(model, target)
-    except Exception as e:
-        raise UnsupportedOpError(f"pass '{who}': cannot raise the opset of '{graph.name}' from {graph.opset} "
-                                 f"to {target} with onnx.version_converter: {str(e).splitlines()[0]}") from None
-    new = from_onnx_model(converted)
-    _adopt(graph, new)
-    graph.meta["upgraded_opset"] = target
-    return True
 
 
 @dataclass
@@ -234,6 +195,7 @@ class Quantize(Pass):
 
     name = "quantize"
     exact = False
+    requirement_hints = {"calib-data": "use quantize{mode=dynamic} or quantize{mode=weight-only} without data"}
 
     @dataclass
     class Options:
@@ -303,13 +265,28 @@ class Quantize(Pass):
         return 4 if self.options.weights == "int4" else 8
 
     # ------------------------------------------------------------------ driver
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def requirements(self) -> frozenset[str]:
         o = self.options
-        if o.mode == "static" and not ctx.calib_data and not self.act_overrides:
-            raise InputDataError("pass 'quantize': static quantization needs calibration data "
-                                 "(nnsculpt compile ... --calib-data X.npz, or ctx.calib_data); "
-                                 "use quantize{mode=dynamic} or quantize{mode=weight-only} without data")
-        changed = self._prepare(graph, ctx)
+        need = {"shapes", f"opset>={self.min_opset}"}
+        if o.fold_bn:
+            need.add("bn-folded")
+        if o.mode == "static" and not self.act_overrides:
+            need.add("calib-data")
+        return frozenset(need)
+
+    @property
+    def min_opset(self) -> int:
+        o = self.options
+        if o.mode == "weight-only" and o.weights == "int4":
+            return 21
+        if o.mode == "dynamic":
+            return 11  # DynamicQuantizeLinear; MatMulInteger / ConvInteger are opset 10
+        return 13      # per-channel QDQ
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        self.report = {}
+        changed = False
         if o.mode == "weight-only":
             n = self._weight_only(graph, ctx)
         elif o.mode == "dynamic":
@@ -318,31 +295,7 @@ class Quantize(Pass):
             n = self._static(graph, ctx)
         if n and o.check_integer and o.mode != "weight-only":
             self._report_integer(graph, ctx)
-        return changed or bool(n)
-
-    def _prepare(self, graph: Graph, ctx: PassContext) -> bool:
-        o = self.options
-        changed = False
-        if o.fold_bn and any(n.op_type == "BatchNormalization" for n in graph.nodes):
-            from .fold_bn import FoldBatchNorm
-
-            before = sum(n.op_type == "BatchNormalization" for n in graph.nodes)
-            if FoldBatchNorm()(graph, ctx):
-                changed = True
-                after = sum(n.op_type == "BatchNormalization" for n in graph.nodes)
-                ctx.note(f"folded {before - after} BatchNormalization node(s) into the preceding layers first")
-        need = 13
-        if o.mode == "weight-only" and o.weights == "int4":
-            need = 21
-        elif o.mode == "dynamic":
-            need = 11  # DynamicQuantizeLinear; MatMulInteger / ConvInteger are opset 10
-        if graph.opset < need:
-            was = graph.opset
-            raise_opset(graph, need, who=self.name)
-            ctx.note(f"raised the opset from {was} to {need} (onnx.version_converter)")
-            changed = True
-        infer_shapes(graph)
-        return changed
+        return PassResult(changed=changed or bool(n), artifacts=self.report)
 
     # ================================================================== planning
     def _candidates(self, graph: Graph) -> list[Node]:

@@ -699,7 +699,7 @@ def _with_input_shapes(g, input_shapes: Mapping[str, Sequence[int]]):
         for o in n.outputs:
             if o not in g.outputs:
                 o.shape = None
-    g._touch()
+    g.invalidate()
     infer_shapes(g)
     return g
 

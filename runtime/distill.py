@@ -464,24 +464,9 @@ def _resolve_teacher(t, i: int, threads: int | None):
                          f"ModelProto, got {type(t).__name__}")
 
 
-def _lowering():
-    """(to_torch, write_back). Imported from the submodule: importing ``runtime/to_torch.py``
-    rebinds the package attribute ``nnsculpt.runtime.to_torch`` to the module itself."""
-    try:
-        from .to_torch import to_torch, write_back
-    except ImportError:
-        from . import to_torch, write_back
-    if not callable(to_torch) or not callable(write_back):
-        raise ImportError("nnsculpt.runtime.to_torch / write_back are not callables")
-    return to_torch, write_back
+def _lower(graph, label: str) -> nn.Module:
+    from .torch_lowering import to_torch
 
-
-def _to_torch_or_fail(graph, label: str) -> nn.Module:
-    try:
-        to_torch, _ = _lowering()
-    except ImportError as e:
-        raise NNSculptError(f"student {label}: training an ONNX / IR student needs "
-                            f"nnsculpt.runtime.to_torch, which is not available ({e})") from None
     return to_torch(graph)
 
 
@@ -499,9 +484,9 @@ def _resolve_student(s) -> tuple[nn.Module, Any, str]:
         if not Path(s).exists():
             raise ModelLoadError(f"student {s}: no such file")
         g = from_onnx(s)
-        return _to_torch_or_fail(g, str(s)), g, str(s)
+        return _lower(g, str(s)), g, str(s)
     if isinstance(s, Graph):
-        return _to_torch_or_fail(s, s.name), s, s.name
+        return _lower(s, s.name), s, s.name
     raise ModelLoadError(f"student: expected an nn.Module, an IR Graph, an .onnx path or zoo:NAME, "
                          f"got {type(s).__name__}")
 
@@ -929,7 +914,9 @@ def _distill(student, teacher, data, *, d: _Dist, epochs, temperature, alpha, be
     module.eval()
     if graph is not None:
         module.to("cpu")
-        _lowering()[1](graph, module)
+        from .torch_lowering import write_back
+
+        write_back(graph, module)
         graph.meta["distill"] = {"history": history, "best_epoch": best_epoch}
         return graph
     return module

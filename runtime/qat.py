@@ -1,8 +1,10 @@
 """Quantization-aware training: fake quantization with learned scales (LSQ) and a
-straight-through estimator, then export of the learned scales as QDQ in the graph.
+straight-through estimator. Exporting the learned scales as QDQ in the graph runs the
+``quantize`` pass, so it is a driver: :func:`nnsculpt.qat.export_qat`.
 
-    from nnsculpt.runtime.to_torch import to_torch   # (the package attribute can be shadowed by the submodule)
-    from nnsculpt.runtime.qat import prepare_qat, finetune_qat, export_qat
+    from nnsculpt.runtime import to_torch
+    from nnsculpt.runtime.qat import prepare_qat, finetune_qat
+    from nnsculpt.qat import export_qat
 
     g = ...                                   # IR graph, BatchNormalization folded (fold-bn)
     module = to_torch(g)                      # fx.GraphModule with real nn.Conv2d / nn.Linear
@@ -31,10 +33,10 @@ subclass (like ``torch.ao`` QAT modules) and adds two children, ``weight_fake_qu
 
 from __future__ import annotations
 
-import copy
+
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FakeQuantize", "prepare_qat", "strip_qat", "qat_modules", "calibrate_qat", "finetune_qat",
-           "export_qat", "fake_quant"]
+           "fake_quant"]
 
 
 # ============================================================================ fake quant
@@ -204,14 +206,14 @@ def prepare_qat(module, *, weight_bits: int = 8, act_bits: int = 8, per_channel:
     """Make ``module`` (in place; returned) train with fake-quantized Conv/Linear weights and inputs.
 
     ``module``: any ``nn.Module``, or an IR ``Graph`` (lowered with ``to_torch`` first; export
-    the result with ``export_qat(graph, module)``).
+    the result with ``nnsculpt.qat.export_qat(graph, module)``).
     ``exclude``: qualified names left in float (e.g. the first conv / the classifier).
     ``calib_data``: inputs to initialize the activation quantizers from histograms.
     """
     from ..ir.graph import Graph
 
     if isinstance(module, Graph):
-        from .to_torch import to_torch
+        from .torch_lowering import to_torch
 
         module = to_torch(module)
     for name, m in list(module.named_modules()):
@@ -315,89 +317,3 @@ def finetune_qat(module: nn.Module, *, data, epochs: int = 3, teacher=None, val_
             opt.step()
     module.eval()
     return module
-
-
-# ============================================================================== export
-def _node_for_weight(graph, initializer: str):
-    from ..passes._quant_table import spec_for
-
-    for n in graph.nodes:
-        spec = spec_for(n)
-        if spec is not None and spec.weight is not None and len(n.inputs) > spec.weight \
-                and n.inputs[spec.weight] is not None and n.inputs[spec.weight].name == initializer:
-            return n
-    return None
-
-
-def export_qat(graph, module: nn.Module, *, calib_data: Mapping[str, np.ndarray] | None = None,
-               pipeline_options: Mapping[str, Any] | None = None, ctx=None, example_inputs=None):
-    """Write the QAT result into ``graph`` as QDQ with the learned scales; returns the graph.
-
-    ``module`` made by :func:`nnsculpt.runtime.to_torch` from ``graph``: the trained float
-    weights flow back with ``write_back`` and each QAT module maps to the node that owns its
-    weight. Any other ``nn.Module``: pass ``graph=None`` and ``example_inputs``; a plain copy
-    is traced with ``from_torch`` and modules map to nodes by provenance (module path).
-
-    Then ``quantize`` runs with ``weight_scales`` (per-channel step sizes) and
-    ``act_overrides`` (input step size / zero point of every QAT layer); tensors no QAT
-    quantizer covers (residual adds, pooling) are calibrated on ``calib_data``.
-    """
-    from ..passes.base import PassContext
-    from ..passes.quantize import Quantize
-
-    mods = qat_modules(module)
-    if not mods:
-        raise ValueError("export_qat: the module has no QAT layers (call prepare_qat first)")
-    pmap = getattr(module, "_nnsculpt_param_map", None)
-    if graph is not None and pmap is not None:
-        from .to_torch import write_back
-
-        write_back(graph, module)
-        targets = {}
-        for name, m in mods.items():
-            bind = pmap.get(f"{name}.weight")
-            node = _node_for_weight(graph, bind.initializer) if bind is not None else None
-            factor = 1.0
-            if bind is not None:
-                for step in bind.transforms:
-                    if step[0] == "scale":
-                        factor *= float(step[1])
-            targets[name] = (node, factor)
-    else:
-        if example_inputs is None:
-            raise ValueError("export_qat: a module not made by to_torch needs example_inputs (and graph=None)")
-        from ..ir import from_torch
-
-        plain = strip_qat(copy.deepcopy(module))
-        graph = from_torch(plain.eval(), example_inputs, input_names=["input"], output_names=["logits"])
-        by_source = {n.source: n for n in graph.nodes}
-        targets = {name: (by_source.get(name), 1.0) for name in mods}
-    act_overrides: dict[str, tuple[float, int]] = {}
-    weight_scales: dict[str, np.ndarray] = {}
-    bits = {m.weight_fake_quant.bits for m in mods.values()}
-    if not bits <= {8, 4}:
-        raise ValueError(f"export_qat: weight bits {sorted(bits)} not supported (8 or 4)")
-    missing = []
-    for name, m in mods.items():
-        node, factor = targets[name]
-        if node is None:
-            missing.append(name)
-            continue
-        s, _ = m.weight_fake_quant.export()
-        weight_scales[node.name] = (s / factor).astype(np.float32)
-        aq = m.input_fake_quant
-        if aq.enabled and bool(aq.initialized) and aq.bits == 8:
-            a_s, a_z = aq.export()
-            act_overrides[node.inputs[0].name] = (float(a_s.reshape(-1)[0]), int(a_z.reshape(-1)[0]))
-    if missing:
-        raise ValueError(f"export_qat: no graph node for QAT layer(s) {missing}")
-    opts = {"weights": "int4" if bits == {4} else "int8", "per_channel": True}
-    opts.update(pipeline_options or {})
-    q = Quantize(act_overrides=act_overrides, weight_scales=weight_scales, **opts)
-    ctx = ctx or PassContext(calib_data=dict(calib_data) if calib_data is not None else None)
-    if calib_data is not None and ctx.calib_data is None:
-        ctx.calib_data = dict(calib_data)
-    q(graph, ctx)
-    graph.meta["qat_export"] = {"layers": len(weight_scales), "activation_overrides": len(act_overrides),
-                                "weight_bits": sorted(bits)}
-    return graph

@@ -263,9 +263,9 @@ def densify_storage(model) -> onnx.ModelProto:
     proto = _as_model(model)
     g = proto.graph
     for st in list(g.sparse_initializer):
-        from ..ir.onnx_io import _sparse_to_dense
+        from ..ir.onnx_io import sparse_to_dense
 
-        g.initializer.append(numpy_helper.from_array(_sparse_to_dense(st), st.values.name))
+        g.initializer.append(numpy_helper.from_array(sparse_to_dense(st), st.values.name))
     del g.sparse_initializer[:]
     meta = next((p for p in proto.metadata_props if p.key == _BITMASK_KEY), None)
     if meta is not None:
@@ -788,8 +788,6 @@ def lower_sparse(graph: Graph, *, batch: int = 1, min_speedup: float | None = 1.
 
 
 def _swap(g: Graph, node: Node, attrs: dict[str, Any]) -> Node:
-    from ..passes._util import remove_if_unused_initializer
-
     x = node.inputs[0]
     old_inputs = [v for v in node.inputs[1:] if v is not None]
     outs = list(node.outputs)
@@ -804,7 +802,7 @@ def _swap(g: Graph, node: Node, attrs: dict[str, Any]) -> Node:
     g.insert_node(new, before=anchor) if anchor is not None else g.insert_node(new)
     mark_changed(new, "lower-sparse")
     for v in old_inputs:
-        remove_if_unused_initializer(g, v)
+        g.remove_initializer_if_unused(v)
     g.opset_imports.setdefault(CUSTOM_DOMAIN, 1)
     return new
 

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
-from nnsculpt.runtime.cli import main
+from nnsculpt.cli import main
 
 
 def cli(*args: str) -> tuple[int, str, str]:
-    p = subprocess.run([sys.executable, "-m", "nnsculpt.runtime.cli", *args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "nnsculpt.cli", *args], capture_output=True, text=True)
     return p.returncode, p.stdout, p.stderr
 
 

@@ -243,10 +243,6 @@ def test_pruned_onnx_student_via_to_torch(digits, teacher, tmp_path):
     """An ONNX student (the teacher with half of every conv's weights zeroed, as a pruning pass
     would leave it) is lowered with to_torch, distilled, written back: accuracy recovers and
     the pruned weights stay zero in the returned Graph."""
-    import importlib.util
-
-    if importlib.util.find_spec("nnsculpt.runtime.to_torch") is None:
-        pytest.skip("the to_torch lowering is not available yet")
     from nnsculpt.ir import from_onnx
     from nnsculpt.ir.graph import Graph
     from nnsculpt.runtime import run, save

@@ -55,9 +55,9 @@ def ort_run(model, feeds):
 
 def run_pass(name, g, ctx=None, **opts):
     ctx = ctx or PassContext()
-    changed = get_pass(name)(**opts)(g, ctx)
+    res = get_pass(name)(**opts)(g, ctx)
     verify(g)
-    return changed, ctx
+    return res.changed, res
 
 
 def check_same(ref_model, g, feeds=None, seeds=(0, 1)):
@@ -376,7 +376,7 @@ def test_dce_removes_dead_branch_and_unused_initializers():
     assert "unused_w" not in g.initializers and "w_dead" not in g.initializers
     assert set(g.initializers) == {"w"}
     assert [i.name for i in g.inputs] == ["x", "unused_in"]  # inputs never removed
-    assert ctx.notes["dce"]
+    assert ctx.notes
     check_same(m, g)
 
 
@@ -414,7 +414,7 @@ def test_fold_constants():
     assert g.node_by_name("add_x").inputs[1].is_const
     # initializers only feeding folded nodes are gone
     assert "c3" not in g.initializers and "idx0" not in g.initializers
-    notes = " ".join(ctx.notes["fold-constants"])
+    notes = " ".join(ctx.notes)
     assert "random" in notes and "graph output" in notes
     check_same(ref, g)
 
@@ -427,7 +427,7 @@ def test_fold_constants_max_elements():
     g = from_onnx(m)
     changed, ctx = run_pass("fold-constants", g, max_elements=100)
     assert not changed and "Tile" in ops(g)
-    assert any("max_elements" in s for s in ctx.notes["fold-constants"])
+    assert any("max_elements" in s for s in ctx.notes)
     changed, _ = run_pass("fold-constants", g)
     assert changed and "Tile" not in ops(g)
     check_same(m, g)
@@ -468,7 +468,7 @@ def test_fold_bn_helper_graph():
     assert a is not b and not np.array_equal(a.const, cw_before) and not np.array_equal(b.const, cw_before)
     # BN output that is a graph output keeps its name and is now written by the Gemm
     assert g.values["y_gemm1"].producer.name == "gemm1"
-    notes = " ".join(ctx.notes.get("fold-bn", []))
+    notes = " ".join(ctx.notes)
     assert "bn_two_users" in notes
     check_same(m, g)
     # then dce cleans the now-unused BN parameters
@@ -550,7 +550,7 @@ def test_canonicalize():
         n = g.node_by_name(name)
         assert not n.inputs[0].is_const and n.inputs[1].is_const
     assert g.node_by_name("sub_x_c").inputs[1].is_const and g.node_by_name("sub_c_x").inputs[0].is_const
-    assert any("rank" in s for s in ctx.notes["canonicalize"])
+    assert any("rank" in s for s in ctx.notes)
     check_same(ref, g)
 
 
@@ -575,7 +575,7 @@ def test_full_pipeline_on_all_builders():
             verify(g)
         check_same(m, g)
         for p in parse_pipeline("canonicalize,fold-bn,fold-constants,eliminate-identity,dce"):
-            assert p(g, ctx) is False, (name, p.name)
+            assert p(g, ctx).changed is False, (name, p.name)
 
 
 def _if_signature(g):
@@ -592,17 +592,18 @@ def test_if_node_untouched(name):
     assert set(sig[2]) == {"cap", "kk", "r", "bnc"}
     ctx = PassContext()
     names = EXACT_PASSES if name == "all" else [name]
+    notes = {}
     for n in names:
-        get_pass(n)()(g, ctx)
+        notes[n] = get_pass(n)()(g, ctx).notes
         verify(g)
     assert _if_signature(g) == sig
     assert "cap" in g.values and g.values["cap"].producer.op_type == "Identity"
     if name in ("fold-bn", "all"):
         assert g.values["bnc"].producer.op_type == "Gemm"  # folded, captured name kept
         assert [n.name for n in g.nodes if n.op_type == "BatchNormalization"] == ["bn_after_if"]
-        assert any("If" in s for s in ctx.notes["fold-bn"])
+        assert any("If" in s for s in notes["fold-bn"])
     if name in ("eliminate-identity", "all"):
-        assert any("captured by a subgraph" in s for s in ctx.notes["eliminate-identity"])
+        assert any("captured by a subgraph" in s for s in notes["eliminate-identity"])
         assert "identity_after_if" not in {n.name for n in g.nodes}
     for sign in (1.0, -1.0):  # both branches
         x = (np.abs(rand(2, 3)) + 0.1) * sign
@@ -651,4 +652,4 @@ def test_zoo_fold_bn_dce(name):
         err = np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)).max()
         assert err <= 1e-5 * max(1.0, float(np.abs(a[k].astype(np.float64)).max())), (k, err)
     for p in parse_pipeline("fold-bn,dce"):  # idempotent on real models too
-        assert p(g, ctx) is False
+        assert p(g, ctx).changed is False

@@ -12,7 +12,7 @@ import pytest
 from nnsculpt.ir import from_onnx, print_graph
 from nnsculpt.ir.errors import NumericsError, PassOptionError, PipelineError, UnknownPassError
 from nnsculpt.passes import PassContext, PassManager, format_pipeline, get_pass, list_passes, load_recipe, parse_pipeline
-from nnsculpt.passes.base import Pass
+from nnsculpt.passes.base import Pass, PassResult
 
 
 class _Opts(Pass):
@@ -30,7 +30,7 @@ class _Opts(Pass):
         label: str = ""
 
     def run(self, graph, ctx):
-        return False
+        return PassResult(changed=False)
 
 
 def test_builtin_passes_registered():
@@ -128,7 +128,7 @@ class _Breaker(Pass):
     def run(self, graph, ctx):
         w = next(v for v in graph.initializers.values() if v.const.ndim == 4)
         w.set_const(w.const * 1.5)
-        return True
+        return PassResult(changed=True)
 
 
 def test_numerics_check_catches_non_exact_pass(small_onnx):

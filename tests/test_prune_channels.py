@@ -17,9 +17,9 @@ from nnsculpt.ir.channel_deps import (CHANNEL_RULES, apply_channel_removal, chan
                                       zero_channels)
 from nnsculpt.ir.errors import PassOptionError
 from nnsculpt.passes import PassContext, get_pass, parse_pipeline
-from nnsculpt.passes.prune_channels import FINETUNE_KEY, MissingCalibrationDataError
+from nnsculpt.ir.errors import MissingCalibrationDataError
 from nnsculpt.runtime import make_inputs, run, to_onnx
-from nnsculpt.runtime.prune_api import prune_module
+from nnsculpt.prune import prune_module
 
 from .conftest import rel_err
 from .thirdparty import make_inputs as tp_inputs
@@ -40,9 +40,9 @@ def zoo_graph(name: str):
 def prune(g, ctx=None, **opts):
     p = get_pass("prune-channels")(**opts)
     ctx = ctx or PassContext()
-    changed = p(g, ctx)
+    res = p(g, ctx)
     verify(g)
-    return changed, ctx
+    return res.changed, res
 
 
 def max_rel(a: dict, b: dict) -> float:
@@ -335,7 +335,7 @@ def test_importance_criteria_pick_the_weak_channels():
         _, ctx = prune(h, PassContext(calib_data=calib), ratio=0.5, importance=crit)
         assert graph_stats(h).params < graph_stats(g).params
         if crit == "taylor":
-            assert any("BatchNormalization" in n for n in ctx.notes["prune-channels"])
+            assert any("BatchNormalization" in n for n in ctx.notes)
 
 
 # ============================================================================== schedules
@@ -347,7 +347,7 @@ def test_iterative_and_soft_schedules_call_the_finetune_callback():
         calls.append((step, graph_stats(graph).params))
 
     g = base.copy()
-    prune(g, PassContext(extra={FINETUNE_KEY: finetune}), ratio=0.5, steps=3)
+    prune(g, PassContext(finetune=finetune), ratio=0.5, steps=3)
     assert [c[0] for c in calls] == [1, 2, 3]
     assert calls[0][1] > calls[1][1] > calls[2][1]
     one = base.copy()
@@ -365,7 +365,7 @@ def test_iterative_and_soft_schedules_call_the_finetune_callback():
         graph.node_by_name("layer1.0.conv1").inputs[1].set_const(w + 1e-4)
 
     g = base.copy()
-    prune(g, PassContext(extra={FINETUNE_KEY: soft_ft}), ratio=0.5, soft=True, steps=2)
+    prune(g, PassContext(finetune=soft_ft), ratio=0.5, soft=True, steps=2)
     assert calls == [1, 2] and zeros == [8, 8]
     assert conv_widths(g)["layer1.0.conv1"] == 8
 
@@ -396,7 +396,7 @@ def test_prune_module_returns_a_smaller_trainable_module():
 
 def test_cli_compile(tmp_path):
     from nnsculpt.models.data import digits_npz
-    from nnsculpt.runtime.cli import main
+    from nnsculpt.cli import main
 
     out = tmp_path / "p.onnx"
     assert main(["compile", "zoo:digits_resnet", "-p", "prune-channels{ratio=0.5}", "-o", str(out)]) == 0

@@ -60,9 +60,9 @@ def _run_pass(spec: str, model=None):
     g = from_onnx(model or _model())
     ctx = PassContext()
     (p,) = parse_pipeline(spec)
-    changed = p(g, ctx)
+    res = p(g, ctx)
     verify(g)
-    return g, ctx, changed
+    return g, res, res.changed
 
 
 def _w(g, name):
@@ -94,8 +94,9 @@ def test_layer_sparsity_exact(s):
         assert rec["weight"] == wname and rec["zeros"] == int(round(s * w.size))
         assert np.array_equal(layer_mask(g, layer), kept)
     assert np.array_equal(_w(g, "conv.b"), _w(dense, "conv.b"))  # biases untouched
-    assert any("total:" in n for n in ctx.notes["prune-weights"])
-    assert ctx.extra["sparsity"] is g.meta["sparsity"]
+    assert any("total:" in n for n in ctx.notes)
+    assert ctx.artifacts["sparsity"]["total"] == g.meta["sparsity"]["total"]
+    assert set(ctx.artifacts["sparsity"]["layers"]) == set(g.meta["sparsity"]["layers"])
     session(g).run(None, _x())
 
 
@@ -149,7 +150,7 @@ def test_nm_pattern_every_group(n, m):
     assert checked == 3
     # conv has Cin=3: not a multiple of M, left alone with a note
     assert np.array_equal(_w(g, "conv.w"), _w(dense, "conv.w"))
-    assert any("conv" in s and "not a multiple" in s for s in ctx.notes["prune-weights"])
+    assert any("conv" in s and "not a multiple" in s for s in ctx.notes)
     session(g).run(None, _x())
 
 
@@ -157,7 +158,7 @@ def test_nm_pattern_every_group(n, m):
 def test_exclude_and_min_params():
     dense = from_onnx(_model())
     g, ctx, _ = _run_pass("prune-weights{sparsity=0.9,exclude=[fc,conv*],min_params=200}")
-    notes = " ".join(ctx.notes["prune-weights"])
+    notes = " ".join(ctx.notes)
     for wname in ("fc.w", "conv.w", "small.w"):  # excluded by name / pattern / min_params (128 < 200)
         assert np.array_equal(_w(g, wname), _w(dense, wname)), wname
     assert "excluded by 'fc'" in notes and "excluded by 'conv*'" in notes and "min_params=200" in notes
@@ -186,7 +187,7 @@ def test_shared_weight_with_other_reader_is_left_alone():
     m.graph.output.append(helper.make_tensor_value_info("side", F, None))
     g, ctx, _ = _run_pass("prune-weights{sparsity=0.5}", m)
     assert not (_w(g, "mm.w") == 0).any()
-    assert any("also read by" in s for s in ctx.notes["prune-weights"])
+    assert any("also read by" in s for s in ctx.notes)
 
 
 @pytest.mark.parametrize("spec,option", [
@@ -241,7 +242,7 @@ def test_bounded_drift_on_trained_model():
 
 @pytest.mark.parametrize("pipeline", ["prune-weights{sparsity=0.9}", "prune-weights{pattern=2:4}"])
 def test_cli_compile(tmp_path, capsys, pipeline):
-    from nnsculpt.runtime.cli import main
+    from nnsculpt.cli import main
 
     src = tmp_path / "m.onnx"
     onnx.save(_model(), str(src))

@@ -16,7 +16,7 @@ from nnsculpt.passes import PassContext, PassManager, parse_pipeline
 from nnsculpt.passes.quantize import Quantize, quantize_weight
 from nnsculpt.runtime import run, session
 from nnsculpt.runtime.calibrate import integer_fraction
-from nnsculpt.runtime.cli import main
+from nnsculpt.cli import main
 
 from .conftest import make_small_net, rel_err
 
@@ -37,6 +37,11 @@ def _drift(ref_graph_or_model, model, inputs):
     ref = run(session(ref_graph_or_model), inputs)
     got = run(session(model), inputs)
     return max(rel_err(ref[k], got[k]) for k in ref)
+
+
+def _entry(res, name):
+    """The report entry of the (last) run of pass ``name``."""
+    return [e for e in res.report["passes"] if e["name"] == name][-1]
 
 
 def _dq_of(model, node_name, idx):
@@ -60,7 +65,7 @@ def test_static_every_method_verifies_runs_and_is_close(small_onnx, method, boun
     ops = [n.op_type for n in model.graph.node]
     assert "BatchNormalization" not in ops and ops.count("QuantizeLinear") >= 4
     assert _drift(small_onnx, model, _calib(8, seed=1)) < bound
-    notes = res.report["passes"][0]["notes"]
+    notes = _entry(res, "quantize")["notes"]
     assert any("integer path" in n for n in notes)
 
 
@@ -165,7 +170,10 @@ def test_opset11_constant_weights_are_raised_to_13(tmp_path):
     assert g.opset == 11
     res, model = _quantize(g, "quantize{calibration=kl}", _calib())
     assert next(o.version for o in model.opset_import if o.domain == "") >= 13
-    assert any("raised the opset" in n for n in res.report["passes"][0]["notes"])
+    raised = _entry(res, "raise-opset")
+    assert raised["inserted"] and raised["inserted_for"] == "quantize" and raised["requirement"] == "opset>=13"
+    assert any("raised the opset" in n for n in raised["notes"])
+    assert [e["name"] for e in res.report["passes"]][-1] == "quantize"
     assert _drift(p, model, _calib(8, seed=1)) < 0.12
     # node names survive the version conversion
     assert {n.name for n in g.nodes if n.op_type == "Conv"} <= {n.name for n in from_onnx(p).nodes}
@@ -183,7 +191,8 @@ def test_cli_compile_with_and_without_calibration_data(small_onnx, tmp_path, cap
     out2 = tmp_path / "q2.onnx"
     assert main(["compile", str(small_onnx), "-p", "quantize", "-o", str(out2)]) == 2
     err = capsys.readouterr().err
-    assert "InputDataError" in err and "pass 'quantize'" in err and "--calib-data" in err
+    assert "MissingCalibrationDataError" in err and "pass 'quantize'" in err and "--calib-data" in err
+    assert "mode=dynamic" in err
     assert not out2.exists()
 
 
@@ -246,24 +255,26 @@ def test_budget_keeps_sensitive_layers_float(small_onnx):
     calib = _calib(32)
     g_all = from_onnx(small_onnx)
     q_all = Quantize(budget=10.0)
-    PassManager([q_all]).run(g_all, PassContext(calib_data=calib))
-    err_all = q_all.report["error_all_quantized"]
-    assert q_all.report["float_layers"] == []
+    art = PassManager([q_all]).run(g_all, PassContext(calib_data=calib)).results[-1].artifacts
+    err_all = art["error_all_quantized"]
+    assert art["float_layers"] == []
     budget = err_all / 3
     g = from_onnx(small_onnx)
     q = Quantize(budget=budget)
     res = PassManager([q]).run(g, PassContext(calib_data=calib))
-    kept = q.report["float_layers"]
-    assert kept and q.report["error_final"] <= budget
-    assert any("kept" in n and kept[0] in n for n in res.report["passes"][0]["notes"])
+    art = res.results[-1].artifacts
+    kept = art["float_layers"]
+    assert kept and art["error_final"] <= budget
+    assert res.report["passes"][-1]["name"] == "quantize"
+    assert res.report["passes"][-1]["artifacts"]["float_layers"] == kept
+    assert any("kept" in n and kept[0] in n for n in res.report["passes"][-1]["notes"])
     ref = run(session(from_onnx(small_onnx)), calib)
     got = run(session(g), calib)
     assert max(float(np.abs(ref[k] - got[k]).max() / np.abs(ref[k]).max()) for k in ref) <= budget + 1e-6
     # a metric callback replaces the default error
     g2 = from_onnx(small_onnx)
     q2 = Quantize(metric=lambda ref, got: 0.0)
-    PassManager([q2]).run(g2, PassContext(calib_data=calib))
-    assert q2.report["float_layers"] == []
+    assert PassManager([q2]).run(g2, PassContext(calib_data=calib)).results[-1].artifacts["float_layers"] == []
 
 
 # ----------------------------------------------------------------------- trained model
@@ -328,8 +339,8 @@ def test_equalize_is_exact_and_balances_ranges():
     g = from_onnx_model(m)
     x = _calib(8, shape=(3, 12, 12), name="x")
     res = PassManager(parse_pipeline("equalize"), check_numerics=True, sample_inputs=x).run(g)
-    assert res.report["passes"][0]["changed"]
-    assert res.report["passes"][0]["drift_vs_input"]["max_rel"] < 1e-5
+    assert _entry(res, "equalize")["changed"]
+    assert _entry(res, "equalize")["drift_vs_input"]["max_rel"] < 1e-5
     nodes = {n.name: n for n in g.nodes}
     for a, b in [("conv1", "dw"), ("dw", "pw")]:
         r1 = _Layer(nodes[a], nodes[a].inputs[1].const).out_range()
@@ -364,8 +375,9 @@ def test_bias_correction_needs_data(small_onnx):
 
 # ----------------------------------------------------------------------------------- QAT
 def test_qat_fake_quant_ste_and_export_of_learned_scales(small_onnx):
-    from nnsculpt.runtime.to_torch import to_torch
-    from nnsculpt.runtime.qat import FakeQuantize, export_qat, prepare_qat, qat_modules
+    from nnsculpt.runtime.torch_lowering import to_torch
+    from nnsculpt.qat import export_qat
+    from nnsculpt.runtime.qat import FakeQuantize, prepare_qat, qat_modules
 
     fq = FakeQuantize(4, symmetric=True, channels=1)
     fq.init_from_range(-1.0, 1.0)
@@ -414,8 +426,9 @@ def test_qat_recovers_4bit_weights_on_digits(digits, one_torch_thread):
     import copy
 
     from nnsculpt.models.data import load_digits_dataset
-    from nnsculpt.runtime.to_torch import to_torch
-    from nnsculpt.runtime.qat import export_qat, finetune_qat, prepare_qat
+    from nnsculpt.runtime.torch_lowering import to_torch
+    from nnsculpt.qat import export_qat
+    from nnsculpt.runtime.qat import finetune_qat, prepare_qat
 
     torch.manual_seed(0)
     g, xcal, xte, yte = digits

@@ -15,7 +15,7 @@ from torch import nn
 
 from nnsculpt.ir import from_onnx, to_onnx_model
 from nnsculpt.ir.errors import UnsupportedOpError
-from nnsculpt.runtime.to_torch import ParamBinding, to_torch, write_back
+from nnsculpt.runtime.torch_lowering import ParamBinding, to_torch, write_back
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 RTOL = 1e-4
@@ -604,7 +604,7 @@ def test_naming_scheme_and_collisions():
 
 
 def test_source_components():
-    from nnsculpt.runtime.to_torch import source_components
+    from nnsculpt.runtime.torch_lowering import source_components
 
     assert source_components("layer1.0.conv1", "Conv") == ["layer1", "0", "conv1"]
     assert source_components("/layer1/layer1.0/conv1/Conv", "Conv") == ["layer1", "0", "conv1"]

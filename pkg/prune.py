@@ -1,6 +1,6 @@
 """Python API of structured channel pruning.
 
-    from nnsculpt.runtime.prune_api import prune_module, prune_graph, dependency_groups
+    from nnsculpt.prune import prune_module, prune_graph, dependency_groups
 
     small = prune_module(model, example_inputs, ratio=0.5)                 # data-free L2
     small = prune_module(model, x, target="flops:0.5", global_pruning=True,
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..ir.graph import Graph
+from .ir.graph import Graph
 
 __all__ = ["prune_module", "prune_graph", "dependency_groups"]
 
@@ -44,7 +44,7 @@ def _calib_dict(graph: Graph, calib) -> dict[str, np.ndarray] | None:
     if isinstance(calib, Mapping):
         missing = [n for n in names if n not in calib]
         if missing:
-            from ..ir.errors import InputDataError
+            from .ir.errors import InputDataError
 
             raise InputDataError(f"calib_data: missing input(s) {missing} (the model needs {names})")
         return {n: _as_numpy(calib[n]) for n in names}
@@ -59,23 +59,20 @@ def prune_graph(graph: Graph, *, ratio: float = 0.5, importance: str = "l2", cal
     """Run ``prune-channels`` on ``graph`` in place. ``finetune(graph, step)`` is called after
     every step (it may train through ``to_torch`` / ``write_back``). Returns the pass summary
     (``before`` / ``after`` FLOPs and params, per-step records, ``notes``)."""
-    from ..ir.verifier import verify
-    from ..passes.base import PassContext
-    from ..passes.prune_channels import FINETUNE_KEY, LABELS_KEY, RESULT_KEY, PruneChannels
+    from .ir.verifier import verify
+    from .passes.base import PassContext
+    from .passes.prune_channels import PruneChannels
 
     opts = dict(options)
     if global_pruning:
         opts["global_"] = True
     p = PruneChannels(ratio=ratio, importance=importance, **opts)
-    ctx = PassContext(calib_data=_calib_dict(graph, calib_data), seed=seed)
-    if finetune is not None:
-        ctx.extra[FINETUNE_KEY] = finetune
-    if labels is not None:
-        ctx.extra[LABELS_KEY] = _as_numpy(labels)
-    p(graph, ctx)
+    ctx = PassContext(calib_data=_calib_dict(graph, calib_data), seed=seed, finetune=finetune,
+                      labels=None if labels is None else _as_numpy(labels))
+    result = p(graph, ctx)
     verify(graph)
-    res = dict(ctx.extra.get(RESULT_KEY, {}))
-    res["notes"] = list(ctx.notes.get(p.name, []))
+    res = dict(result.artifacts)
+    res["notes"] = list(result.notes)
     return res
 
 
@@ -96,8 +93,8 @@ def prune_module(module, example_inputs, *, ratio: float = 0.5, importance: str 
     ``consumers``. ``calib_data``: an array / tensor (single input), a tuple, or a dict by input
     name; ``labels`` feed the Taylor loss.
     """
-    from ..ir import from_torch
-    from .to_torch import to_torch, write_back
+    from .ir import from_torch
+    from .runtime.torch_lowering import to_torch, write_back
 
     training = bool(getattr(module, "training", False))
     g = from_torch(module, example_inputs, input_names=list(input_names) if input_names else None,
@@ -120,16 +117,16 @@ def prune_module(module, example_inputs, *, ratio: float = 0.5, importance: str 
 def dependency_groups(model, example_inputs=None, *, protect: Sequence[str] | None = None, **kwargs):
     """The channel-dependency analysis of a graph, an ``.onnx`` path or a torch module
     (:class:`nnsculpt.ir.channel_deps.ChannelDeps`)."""
-    from ..ir.channel_deps import channel_dependencies
+    from .ir.channel_deps import channel_dependencies
 
     if isinstance(model, Graph):
         g = model
     elif isinstance(model, str):
-        from ..ir import from_onnx
+        from .ir import from_onnx
 
         g = from_onnx(model)
     else:
-        from ..ir import from_torch
+        from .ir import from_torch
 
         g = from_torch(model, example_inputs, **kwargs)
     return channel_dependencies(g, protect=list(protect or []))

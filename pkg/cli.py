@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ir.errors import NNSculptError
+from .ir.errors import NNSculptError
 
 log = logging.getLogger("nnsculpt")
 
@@ -50,7 +50,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _inputs_for(graph, path: str | None, seed: int, batch: int):
-    from .ort import load_inputs, make_inputs
+    from .runtime.ort import load_inputs, make_inputs
 
     if path:
         return load_inputs(path, graph)
@@ -64,12 +64,12 @@ def _shape_str(shape) -> str:
 # -------------------------------------------------------------------------- commands
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.model == "zoo:list":
-        from .. import models
+        from . import models
 
         print("\n".join(f"zoo:{n}" for n in models.list_models()))
         return 0
-    from ..ir.analysis import graph_stats, node_costs
-    from .loading import load_graph
+    from .ir.analysis import graph_stats, node_costs
+    from .runtime.loading import load_graph
 
     g = load_graph(args.model)
     st = graph_stats(g)
@@ -103,13 +103,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from ..ir.onnx_io import save, to_onnx_model
-    from ..ir.verifier import verify
-    from ..passes.base import PassContext
-    from ..passes.manager import PassManager
-    from ..passes.pipeline import resolve_pipeline
-    from .loading import load_graph
-    from .ort import load_inputs
+    from .ir.onnx_io import save, to_onnx_model
+    from .ir.verifier import verify
+    from .passes.base import PassContext
+    from .passes.manager import PassManager
+    from .passes.pipeline import resolve_pipeline
+    from .runtime.loading import load_graph
+    from .runtime.ort import load_inputs
 
     out = Path(args.output)
     if out.suffix.lower() != ".onnx":
@@ -117,17 +117,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     passes = resolve_pipeline(args.pipeline)  # bad pass names / options fail before any work
     g = load_graph(args.model)
     calib = load_inputs(args.calib_data, g) if args.calib_data else None
-    extra = {}
+    labels = None
     if args.calib_data:  # labels (if any) feed data-driven criteria such as Taylor importance
-        from .ort import read_npz
+        from .runtime.ort import read_npz
 
         labels = read_npz(args.calib_data).get("labels")
-        if labels is not None:
-            extra["prune-channels.labels"] = labels
-    ctx = PassContext(calib_data=calib, seed=args.seed, extra=extra)
+    ctx = PassContext(calib_data=calib, seed=args.seed, labels=labels)
     dump_dir = Path(args.report) / "ir" if (args.report and args.print_ir_after_all) else None
-    pm = PassManager(passes, verify=args.verify, check_numerics=args.verify, dump_dir=dump_dir,
-                     print_ir=sys.stderr if args.print_ir_after_all else None)
+    # numerics are always checked when a lossy pass runs (never a silently broken model)
+    lossy = any(not p.exact for p in passes)
+    check = args.verify or (lossy and not args.no_check)
+    pm = PassManager(passes, verify=args.verify, check_numerics=check, dump_dir=dump_dir,
+                     print_ir=sys.stderr if args.print_ir_after_all else None,
+                     min_top1=args.min_top1, min_cosine=args.min_cosine, max_rel_drift=args.max_drift,
+                     fail_on_drift=args.fail_on_drift)
     result = pm.run(g, ctx)
     if not args.verify:
         verify(result.graph)
@@ -144,18 +147,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(_table(rows, ["metric", "before", "after", "ratio"]))
     for e in rep["passes"]:
         line = f"pass {e['name']:<20} {'changed' if e['changed'] else 'no-op  '} {e['time_s'] * 1000:8.1f} ms"
+        if e.get("inserted"):
+            line += f"  (inserted: {e['inserted_for']} requires {e['requirement']})"
         if "drift_vs_input" in e:
             line += f"  drift max_rel={e['drift_vs_input']['max_rel']:.2e}"
         print(line)
         for note in e.get("notes", []):
             print(f"    note: {note}")
+    for w in rep.get("warnings", []):
+        print(f"nnsculpt: warning: {w} (--fail-on-drift makes this an error)", file=sys.stderr)
     print(f"wrote     {out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .loading import load_graph
-    from .ort import compare_outputs, run, session
+    from .runtime.loading import load_graph
+    from .runtime.ort import compare_outputs, run, session
 
     ga, gb = load_graph(args.a), load_graph(args.b)
     inputs = _inputs_for(ga, args.inputs, args.seed, args.batch)
@@ -176,7 +183,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      f"{e['top1_agreement']:.4f}" if "top1_agreement" in e else "-"])
     labels = None
     if args.inputs:
-        from .ort import read_npz
+        from .runtime.ort import read_npz
 
         labels = read_npz(args.inputs).get("labels")
     n = len(next(iter(inputs.values()))) if inputs else 0
@@ -192,9 +199,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..ir.onnx_io import to_onnx_model
-    from .loading import load_graph
-    from .ort import session
+    from .ir.onnx_io import to_onnx_model
+    from .runtime.loading import load_graph
+    from .runtime.ort import session
 
     rows, base = [], None
     results = []
@@ -228,11 +235,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from ..passes.base import list_passes
+    from .passes.base import list_passes
 
     for cls in list_passes():
         kind = "exact" if cls.exact else "lossy"
         print(f"{cls.name}  [{kind}]  {cls.summary()}")
+        if cls.requires:
+            print(f"    requires: {', '.join(sorted(cls.requires))}")
         for name, tname, default in cls.option_specs():
             print(f"    {name}: {tname} = {default!r}")
         if args.verbose_docs:
@@ -265,7 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--print-ir-after-all", action="store_true",
                    help="print the IR after every pass to stderr (and to DIR/ir/ with --report)")
     s.add_argument("--verify", action="store_true",
-                   help="verify the IR after every pass and check numerics against the input model")
+                   help="verify the IR after every pass and check numerics against the input model "
+                        "(numerics are checked anyway when the pipeline has a lossy pass)")
+    s.add_argument("--no-check", action="store_true",
+                   help="skip the output-drift check of lossy passes (not recommended)")
+    s.add_argument("--min-top1", type=float, default=0.98,
+                   help="warn when top-1 agreement with the input model falls below this (default 0.98)")
+    s.add_argument("--min-cosine", type=float, default=0.99,
+                   help="warn when the output cosine similarity falls below this (default 0.99)")
+    s.add_argument("--max-drift", type=float, default=None,
+                   help="warn when the max relative output error exceeds this")
+    s.add_argument("--fail-on-drift", action="store_true",
+                   help="make a drift warning an error (DriftError, exit 2, no output file)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_compile)
 
@@ -289,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 
-    from .distill import add_cli as add_distill_cli
+    from .runtime.distill import add_cli as add_distill_cli
 
     add_distill_cli(sub)
 
