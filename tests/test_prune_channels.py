@@ -21,7 +21,7 @@ from nnsculpt.ir.errors import MissingCalibrationDataError
 from nnsculpt.runtime import make_inputs, run, to_onnx
 from nnsculpt.prune import prune_module
 
-from .conftest import rel_err
+from .conftest import max_rel_err
 from .thirdparty import make_inputs as tp_inputs
 from .thirdparty import require
 
@@ -46,7 +46,7 @@ def prune(g, ctx=None, **opts):
 
 
 def max_rel(a: dict, b: dict) -> float:
-    return max(rel_err(a[k], b[k]) for k in a)
+    return max(max_rel_err(a[k], b[k]) for k in a)
 
 
 def conv_widths(g) -> dict[str, int]:

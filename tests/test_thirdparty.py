@@ -15,7 +15,7 @@ from nnsculpt.ir import from_onnx, to_onnx_model, verify
 from nnsculpt.passes import PassManager, parse_pipeline
 from nnsculpt.runtime import run, session
 
-from .conftest import rel_err
+from .conftest import max_rel_err
 from .thirdparty import THIRD_PARTY, make_inputs, require
 
 pytestmark = pytest.mark.thirdparty
@@ -24,7 +24,28 @@ EXACT_PIPELINE = "fold-constants,fold-bn,eliminate-identity,canonicalize,dce"
 
 
 def _max_rel(ref: dict, got: dict) -> float:
-    return max(rel_err(ref[k], got[k]) for k in ref)
+    return max(max_rel_err(ref[k], got[k]) for k in ref)
+
+
+def _runtime_noise(path, feeds) -> float:
+    """How far ONNX Runtime's own exact graph optimizations (Conv+BN fusion, ...) move this
+    model's outputs: all optimizations off vs all on, one thread. On deep float32 models
+    (PP-OCRv4 det: 1.3e-5) this reassociation noise is the floor any exact rewrite meets."""
+    import onnxruntime as ort
+
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = 1
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        outs.append(dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds))))
+    return _max_rel(*outs)
+
+
+def _exact_tolerance(path, feeds) -> float:
+    """1e-5 relative, or twice the runtime's own optimization noise where that is larger."""
+    return max(1e-5, 2.0 * _runtime_noise(path, feeds))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +81,7 @@ def test_exact_pipeline_keeps_outputs(key, reference_outputs):
     PassManager(parse_pipeline(EXACT_PIPELINE), verify=True).run(g)
     got = run(g, feeds)
     assert [o.name for o in g.outputs] == list(ref)
-    assert _max_rel(ref, got) <= 1e-5
+    assert _max_rel(ref, got) <= _exact_tolerance(path, feeds)
     assert len(g.nodes) <= n_before
 
 
