@@ -96,7 +96,8 @@ def thirdparty_table(keys: list[str], pipeline: str, runs: int, iters: int) -> s
     from tests.thirdparty import locate, make_inputs
 
     from nnsculpt.ir import from_onnx
-    from nnsculpt.ir.channel_deps import channel_dependencies, zero_channels
+    from nnsculpt.ir.channel_deps import channel_dependencies
+    from nnsculpt.passes.prune.rewrite import zero_channels
     from nnsculpt.runtime import run
 
     out = ["| model | nodes | groups (prunable) | prunable units | analysis s | params after | zeroed-channel "

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from nnsculpt.ir import from_onnx, to_onnx_model  # noqa: E402
 from nnsculpt.passes import PassContext, PassManager, parse_pipeline  # noqa: E402
-from nnsculpt.runtime.calibrate import integer_fraction  # noqa: E402
+from nnsculpt.runtime.integer_path import integer_fraction  # noqa: E402
 
 GLOBAL_THRESHOLD = 6.0
 

@@ -24,7 +24,7 @@ from .graph import Graph, Node, Value
 log = logging.getLogger("nnsculpt.ir")
 
 
-def _cached(g: Graph, key: str, fn: Callable[[], object]):
+def cached(g: Graph, key: str, fn: Callable[[], object]):
     cache = g.meta.setdefault("_analysis_cache", {})
     hit = cache.get(key)
     if hit is not None and hit[0] == g.version:
@@ -41,7 +41,7 @@ def infer_shapes(g: Graph) -> Graph:
     def run():
         import onnx
 
-        from .onnx_io import _type_of, to_onnx_model
+        from .onnx_io import type_of_value_info, to_onnx_model
 
         model = to_onnx_model(g, check=False, value_info=False)
         try:
@@ -53,14 +53,14 @@ def infer_shapes(g: Graph) -> Graph:
             v = g.values.get(vi.name)
             if v is None or v.is_const:
                 continue
-            dt, shape = _type_of(vi)
+            dt, shape = type_of_value_info(vi)
             if dt is not None:
                 v.dtype = dt
             if shape is not None:
                 v.shape = shape
         return True
 
-    _cached(g, "shapes", run)  # writing inferred types does not bump the version
+    cached(g, "shapes", run)  # writing inferred types does not bump the version
     return g
 
 
@@ -228,7 +228,7 @@ def node_costs(g: Graph) -> list[NodeCost]:
                                 None if y is None else y.shape))
         return out
 
-    return _cached(g, "node_costs", run)
+    return cached(g, "node_costs", run)
 
 
 def graph_stats(g: Graph) -> GraphStats:
@@ -245,4 +245,4 @@ def graph_stats(g: Graph) -> GraphStats:
                           flops=sum(c.flops for c in costs), macs=sum(c.macs for c in costs),
                           weight_bytes=g.weight_bytes(), model_bytes=model_bytes, op_histogram=hist)
 
-    return _cached(g, "graph_stats", run)
+    return cached(g, "graph_stats", run)

@@ -29,19 +29,20 @@ channels is *blocked*:
   softmax over channels, dynamic shapes...): the analysis stops there, never guesses;
 * its producer is protected, or its weights are shared / not constant.
 
-Per-op knowledge lives in ONE table, :data:`CHANNEL_RULES` (``op_type -> OpRule``). A rule has a
-``couple`` function (spaces, edges, blocks, and the :class:`ParamSpec` s that say which weight
-axis is indexed by which channel space) and optionally an ``update`` function that rewrites
-attributes / shape constants when channels are removed (``group``, ``Split`` sizes, ``Slice``
-bounds, ``Reshape`` targets, ``Resize`` sizes). Generic weight slicing is driven by the
-ParamSpecs, so importance criteria and the physical removal read the same facts.
+Per-op coupling knowledge lives in ONE table, :data:`CHANNEL_RULES` (``op_type -> OpRule``). A
+rule has a ``couple`` function: spaces, edges, blocks, the :class:`ParamSpec` s that say which
+weight axis is indexed by which channel space, and the per-node facts a rewrite needs
+(``ChannelDeps.info``: grouped conv, split axis, slice bounds, resize sizes). This module only
+analyses; the physical removal (generic weight slicing from the ParamSpecs, and the per-op
+updates of ``group``, ``Split`` sizes, ``Slice`` bounds, ``Reshape`` targets and ``Resize``
+sizes in a table keyed by op_type) is :mod:`nnsculpt.passes.prune.rewrite`, so importance
+criteria and the removal read the same facts.
 
 Public API::
 
     deps = channel_dependencies(graph, protect=["fc"])
     for grp in deps.groups: grp.prunable, grp.n_units, grp.layers ...
-    apply_channel_removal(graph, deps, {group_index: [unit, ...]})   # physical removal
-    zero_channels(graph, deps, {group_index: [unit, ...]})           # soft pruning (zero them)
+    # removal: nnsculpt.passes.prune.rewrite.apply_channel_removal / zero_channels
 """
 
 from __future__ import annotations
@@ -54,16 +55,14 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import IRError
-from .graph import Graph, Node, Value, mark_changed
+from .graph import Graph, Node, Value
 
 log = logging.getLogger("nnsculpt.ir")
 
 __all__ = ["Space", "ParamSpec", "DepGroup", "ChannelDeps", "OpRule", "CHANNEL_RULES",
-           "channel_dependencies", "keep_masks", "apply_channel_removal", "zero_channels",
-           "coverage_table"]
+           "channel_dependencies", "const_value", "shape_pieces", "coverage_table"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_PASS = "prune-channels"
 
 
 # =============================================================================== data
@@ -400,10 +399,6 @@ def _const_floats(v: Value | None) -> list[float] | None:
     return [float(x) for x in a.reshape(-1).tolist()]
 
 
-def _data_inputs_spaced(an: Analyzer, node: Node, ports) -> list[tuple[int, Space]]:
-    return [(i, an.sp(node.inputs[i])) for i in ports if i < len(node.inputs) and an.sp(node.inputs[i]) is not None]
-
-
 def _outputs_used_beyond(node: Node, first: int) -> bool:
     return any(o.uses or (node.graph is not None and o in node.graph.outputs) for o in node.outputs[first:])
 
@@ -411,11 +406,12 @@ def _outputs_used_beyond(node: Node, first: int) -> bool:
 # ================================================================== the rule table
 @dataclass(frozen=True)
 class OpRule:
-    """How one op couples channels (``couple``) and how its attributes / shape constants are
-    rewritten after removal (``update``; weights are sliced generically from ParamSpecs)."""
+    """How one op couples channels (``couple``), with a one-line summary (``doc``). The
+    rewrite after removal lives in the pruning pass (``nnsculpt.passes.prune.rewrite``:
+    weights sliced generically from the ParamSpecs, per-op attribute / shape-constant updates
+    in its ``UPDATE_RULES`` table, keyed by op_type like this one)."""
 
     couple: Callable[[Analyzer, Node], None]
-    update: Callable[["_Rewriter", Node], None] | None = None
     doc: str = ""
 
 
@@ -1090,7 +1086,7 @@ def _reshape_dims(an: Analyzer, node: Node):
             if inf is not None and len(inf) == len(dout):
                 dout = [inf[k] if (d is None and _is_int(inf[k])) else d for k, d in enumerate(dout)]
             return din, dout
-        pieces = _shape_pieces(node.input(1))
+        pieces = shape_pieces(node.input(1))
         if pieces is not None:
             dout = []
             inferred = an.dims(y)
@@ -1408,118 +1404,9 @@ def _passive(an: Analyzer, node: Node) -> None:
             raise _Blocked("channels reach an op that does not carry them")
 
 
-# ---- attribute / shape-constant updates ------------------------------------------------------
-def _update_conv_group(rw: "_Rewriter", node: Node) -> None:
-    info = rw.deps.info.get(node.name, {})
-    if not info.get("grouped"):
-        return
-    g = int(node.attrs.get("group", 1))
-    o = rw.port(node, "out", 0)
-    keep = rw.keep(o)
-    n_keep = int(keep.sum())
-    if n_keep == o.size:
-        return
-    new_g = n_keep * g // o.size
-    if new_g * o.size != n_keep * g:
-        raise IRError(f"prune: '{node.name}' would keep a partial group")
-    node.attrs["group"] = int(new_g)
-    rw.touched.add(node.name)
-
-
-def _update_split(rw: "_Rewriter", node: Node) -> None:
-    k = rw.deps.info.get(node.name, {}).get("split_axis")
-    if k is None:
-        return
-    sizes = []
-    changed = False
-    for j, out in enumerate(node.outputs):
-        o = rw.deps.space_of.get(out.name)
-        n = int(rw.keep(o).sum()) if o is not None else 0
-        if o is not None and n != o.size:
-            changed = True
-        sizes.append(n)
-    if not changed:
-        return
-    if rw.g.opset >= 13:
-        arr = np.asarray(sizes, dtype=np.int64)
-        if len(node.inputs) > 1 and node.inputs[1] is not None:
-            rw.set_const_input(node, 1, arr)
-        else:
-            v = rw.g.add_initializer(f"{node.name}.split", arr)
-            ins = list(node.inputs) + [None] * max(0, 2 - len(node.inputs))
-            ins[1] = v
-            node.set_inputs(ins)
-        node.attrs.pop("num_outputs", None)
-        node.attr_types.pop("num_outputs", None)
-    else:
-        node.attrs["split"] = sizes
-    rw.touched.add(node.name)
-
-
-def _update_slice(rw: "_Rewriter", node: Node) -> None:
-    sl = rw.deps.info.get(node.name, {}).get("slice")
-    if sl is None:
-        return
-    j, st, en = sl
-    s = rw.port(node, "in", 0)
-    keep = rw.keep(s)
-    if keep.all():
-        return
-    nst = int(keep[:st].sum())
-    nen = int(keep[:en].sum())
-    for idx, val in ((1, nst), (2, nen)):
-        arr = np.array(const_value(node.inputs[idx]), copy=True)
-        arr.reshape(-1)[j] = val
-        rw.set_const_input(node, idx, arr)
-    rw.touched.add(node.name)
-
-
-def _update_reshape(rw: "_Rewriter", node: Node) -> None:
-    if node.op_type != "Reshape":
-        return  # Flatten / Squeeze / Unsqueeze need no change
-    o = rw.deps.space_of.get(node.outputs[0].name)
-    if o is None:
-        return
-    counts = rw.axis_counts(o)
-    if all(c == d for c, d in zip(counts, o.dims)):
-        return
-    shp = node.inputs[1]
-    din = rw.old_dims.get(node.inputs[0].name)
-    allowzero = int(node.attrs.get("allowzero", 0))
-    shp_c = const_value(shp)
-    if shp_c is not None:
-        arr = np.array(shp_c, copy=True).reshape(-1)
-        for a, c in zip(o.axes, counts):
-            e = int(arr[a])
-            if e == -1:
-                continue
-            if e == 0 and not allowzero:
-                s_in = rw.port(node, "in", 0)
-                if a in s_in.axes and rw.axis_counts(s_in)[s_in.axes.index(a)] == c:
-                    continue
-            arr[a] = c
-        rw.set_const_input(node, 1, arr.reshape(shp_c.shape))
-        rw.touched.add(node.name)
-        return
-    pieces = _shape_pieces(shp)
-    if pieces is None:
-        raise IRError(f"prune: reshape '{node.name}' has a dynamic target shape")
-    cat, parts = pieces
-    for a, c in zip(o.axes, counts):
-        for idx, (v, off, ln) in enumerate(parts):
-            if off <= a < off + ln:
-                cv = const_value(v)
-                arr = np.array(cv, copy=True).reshape(-1)
-                if int(arr[a - off]) not in (-1,):
-                    arr[a - off] = c
-                    rw.set_const_input(cat, idx, arr.reshape(cv.shape))
-                break
-    rw.touched.add(node.name)
-
-
-def _shape_pieces(v: Value | None):
+def shape_pieces(v: Value | None):
     """A dynamic reshape target built as Concat of 1-D pieces: (concat node,
-    [(piece value, offset, length)]) or None."""
+    [(piece value, offset, length)]) or None. (The rewriter edits the constant pieces.)"""
     if v is None or v.producer is None or v.producer.op_type != "Concat":
         return None
     cat = v.producer
@@ -1548,7 +1435,7 @@ def _reshape_checked(an: Analyzer, node: Node) -> None:
     shp = node.input(1)
     if o is None or const_value(shp) is not None:
         return
-    pieces = _shape_pieces(shp)
+    pieces = shape_pieces(shp)
     ok = pieces is not None
     if ok:
         for a in o.axes:
@@ -1559,24 +1446,6 @@ def _reshape_checked(an: Analyzer, node: Node) -> None:
         an.block(o, f"dynamic reshape target (at Reshape '{node.name}')")
         s = an.sp(node.inputs[0])
         an.block(s, f"dynamic reshape target (at Reshape '{node.name}')")
-
-
-def _update_resize(rw: "_Rewriter", node: Node) -> None:
-    info = rw.deps.info.get(node.name, {}).get("sizes_index")
-    if not info:
-        return
-    s = rw.port(node, "in", 0)
-    counts = rw.axis_counts(s)
-    arr = np.array(const_value(node.inputs[3]), copy=True).reshape(-1)
-    changed = False
-    for a, k in info:
-        c = counts[s.axes.index(a)]
-        if arr[k] != c:
-            arr[k] = c
-            changed = True
-    if changed:
-        rw.set_const_input(node, 3, arr)
-        rw.touched.add(node.name)
 
 
 _UNARY_OPS = ["Relu", "LeakyRelu", "PRelu_", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish",
@@ -1591,68 +1460,68 @@ _ELEMENTWISE_OPS = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mea
 CHANNEL_RULES: dict[str, OpRule] = {}
 for _op in _UNARY_OPS:
     if not _op.endswith("_"):
-        CHANNEL_RULES[_op] = OpRule(_unary, None, "identity on every channel")
+        CHANNEL_RULES[_op] = OpRule(_unary, "identity on every channel")
 for _op in _ELEMENTWISE_OPS:
-    CHANNEL_RULES[_op] = OpRule(_elementwise, None,
+    CHANNEL_RULES[_op] = OpRule(_elementwise,
                                 "numpy broadcasting: operands' channels coupled 1:1; constant operands "
                                 "sliced, size-1 ones broadcast; operands of unknown origin block")
 CHANNEL_RULES.update({
-    "Conv": OpRule(_conv, _update_conv_group,
+    "Conv": OpRule(_conv,
                    "producer of axis 1 (filters); input channels consumed; group>1 (depthwise): in/out "
                    "channels of a group removed together, group attr updated"),
-    "ConvTranspose": OpRule(_conv, _update_conv_group, "producer of axis 1 (W[:, c]); as Conv"),
-    "Gemm": OpRule(_gemm, None, "producer of axis 1 (rows/cols of B per transB), C sliced; transA blocks"),
-    "MatMul": OpRule(_matmul, None,
+    "ConvTranspose": OpRule(_conv, "producer of axis 1 (W[:, c]); as Conv"),
+    "Gemm": OpRule(_gemm, "producer of axis 1 (rows/cols of B per transB), C sliced; transA blocks"),
+    "MatMul": OpRule(_matmul,
                      "const 2-D B: producer of the last axis, input channels = rows of B; two activations "
                      "(attention): batch axes (heads) couple A/B/out, contracted axis couples A with B"),
-    "Gather": OpRule(_gather, None,
+    "Gather": OpRule(_gather,
                      "constant 2-D table on axis 0 (embedding): producer of the last axis; on activations: "
                      "carries channels when it indexes another axis"),
-    "BatchNormalization": OpRule(_batchnorm, None, "per-channel on axis 1: scale/B/mean/var sliced"),
-    "InstanceNormalization": OpRule(_instancenorm, None, "per-channel on axis 1: scale/B sliced"),
-    "LayerNormalization": OpRule(_layernorm, None,
+    "BatchNormalization": OpRule(_batchnorm, "per-channel on axis 1: scale/B/mean/var sliced"),
+    "InstanceNormalization": OpRule(_instancenorm, "per-channel on axis 1: scale/B sliced"),
+    "LayerNormalization": OpRule(_layernorm,
                                  "channels not normalized: carried; channels = the one normalized last axis: "
                                  "scale/B sliced (statistics change: lossy)"),
-    "Transpose": OpRule(_transpose, None, "axes permuted, channel order kept"),
-    "Reshape": OpRule(_reshape_checked, _update_reshape,
+    "Transpose": OpRule(_transpose, "axes permuted, channel order kept"),
+    "Reshape": OpRule(_reshape_checked,
                       "axes aligned by products: identity / split (units = outer slices, e.g. heads) / "
                       "merge (channels must lead: Flatten C*H*W -> C groups of H*W); target shape rewritten"),
-    "Flatten": OpRule(_reshape, None, "as Reshape"),
-    "Squeeze": OpRule(_reshape, None, "as Reshape (channel axes renumbered)"),
-    "Unsqueeze": OpRule(_reshape, None, "as Reshape (channel axes renumbered)"),
-    "Concat": OpRule(_concat, None,
+    "Flatten": OpRule(_reshape, "as Reshape"),
+    "Squeeze": OpRule(_reshape, "as Reshape (channel axes renumbered)"),
+    "Unsqueeze": OpRule(_reshape, "as Reshape (channel axes renumbered)"),
+    "Concat": OpRule(_concat,
                      "on the channel axis: input i's channel c = output channel offset_i + c; inputs of "
                      "unknown origin make their range unprunable; on another axis: elementwise"),
-    "Split": OpRule(_split, _update_split, "on the channel axis: output j = a channel range; sizes rewritten"),
-    "Slice": OpRule(_slice, _update_slice, "on the channel axis (step 1): a channel range; bounds rewritten"),
-    "MaxPool": OpRule(_spatial, None, "per channel"),
-    "AveragePool": OpRule(_spatial, None, "per channel"),
-    "LpPool": OpRule(_spatial, None, "per channel"),
-    "GlobalAveragePool": OpRule(_spatial, None, "per channel"),
-    "GlobalMaxPool": OpRule(_spatial, None, "per channel"),
-    "GlobalLpPool": OpRule(_spatial, None, "per channel"),
-    "Resize": OpRule(_resize, _update_resize, "per channel when the channel scale is 1 / size unchanged"),
-    "Upsample": OpRule(_resize, None, "per channel when the channel scale is 1"),
-    "Pad": OpRule(_pad, None, "per channel when the channel axis is not padded"),
-    "ReduceMean": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceSum": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceMax": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceMin": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceProd": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceL1": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceL2": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceLogSumExp": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ReduceSumSquare": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ArgMax": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "ArgMin": OpRule(_reduce, None, "carried when the channel axes are not reduced"),
-    "Softmax": OpRule(_softmax, None, "carried when not normalizing across channels"),
-    "LogSoftmax": OpRule(_softmax, None, "carried when not normalizing across channels"),
-    "Hardmax": OpRule(_softmax, None, "carried when not normalizing across channels"),
-    "CumSum": OpRule(_softmax, None, "carried when not accumulating across channels"),
-    "Shape": OpRule(_shape, None, "allowed when only non-channel dims are read (Gather/Slice users)"),
-    "Constant": OpRule(_passive, None, "no channels"),
-    "ConstantOfShape": OpRule(_passive, None, "no channels"),
-    "Range": OpRule(_passive, None, "no channels"),
+    "Split": OpRule(_split, "on the channel axis: output j = a channel range; sizes rewritten"),
+    "Slice": OpRule(_slice, "on the channel axis (step 1): a channel range; bounds rewritten"),
+    "MaxPool": OpRule(_spatial, "per channel"),
+    "AveragePool": OpRule(_spatial, "per channel"),
+    "LpPool": OpRule(_spatial, "per channel"),
+    "GlobalAveragePool": OpRule(_spatial, "per channel"),
+    "GlobalMaxPool": OpRule(_spatial, "per channel"),
+    "GlobalLpPool": OpRule(_spatial, "per channel"),
+    "Resize": OpRule(_resize, "per channel when the channel scale is 1 / size unchanged"),
+    "Upsample": OpRule(_resize, "per channel when the channel scale is 1"),
+    "Pad": OpRule(_pad, "per channel when the channel axis is not padded"),
+    "ReduceMean": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceSum": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceMax": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceMin": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceProd": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceL1": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceL2": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceLogSumExp": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ReduceSumSquare": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ArgMax": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "ArgMin": OpRule(_reduce, "carried when the channel axes are not reduced"),
+    "Softmax": OpRule(_softmax, "carried when not normalizing across channels"),
+    "LogSoftmax": OpRule(_softmax, "carried when not normalizing across channels"),
+    "Hardmax": OpRule(_softmax, "carried when not normalizing across channels"),
+    "CumSum": OpRule(_softmax, "carried when not accumulating across channels"),
+    "Shape": OpRule(_shape, "allowed when only non-channel dims are read (Gather/Slice users)"),
+    "Constant": OpRule(_passive, "no channels"),
+    "ConstantOfShape": OpRule(_passive, "no channels"),
+    "Range": OpRule(_passive, "no channels"),
 })
 
 
@@ -1674,11 +1543,11 @@ def channel_dependencies(g: Graph, *, protect: list[str] | None = None) -> Chann
     """Run the analysis (see the module docstring). ``protect``: node names / torch module
     paths / glob patterns whose output channels are kept. Cached on the graph version (any
     mutation invalidates it)."""
-    from .analysis import _cached, infer_shapes
+    from .analysis import cached, infer_shapes
 
     protect = list(protect or [])
     infer_shapes(g)
-    return _cached(g, f"channel_deps:{tuple(protect)!r}", lambda: _analyze(g, protect))
+    return cached(g, f"channel_deps:{tuple(protect)!r}", lambda: _analyze(g, protect))
 
 
 def _analyze(g: Graph, protect: list[str]) -> ChannelDeps:
@@ -1764,208 +1633,3 @@ def _analyze(g: Graph, protect: list[str]) -> ChannelDeps:
                        blocked=blocked, block_reasons=an.block_reasons, ports=an.ports,
                        params=an.params, groups=groups, info=an.info, coupling_graph=G)
     return deps
-
-
-# ======================================================================= rewriting
-def keep_masks(deps: ChannelDeps, removal: dict[int, Any]) -> list[np.ndarray]:
-    """Per space, a boolean keep mask over its flat channels, for ``removal``
-    (``{group index: unit indices to remove}``)."""
-    keep = np.ones(deps.n_channels, dtype=bool)
-    for gi, units in removal.items():
-        grp = deps.groups[gi]
-        for u in units:
-            keep[grp.units[int(u)]] = False
-    return [keep[s.base:s.base + s.size] for s in deps.spaces]
-
-
-def _axis_sets(s: Space, mask: np.ndarray) -> list[np.ndarray]:
-    """Kept indices per logical component; the mask must be a Cartesian product."""
-    m = mask.reshape(s.dims)
-    sets = []
-    for c in range(len(s.dims)):
-        other = tuple(k for k in range(len(s.dims)) if k != c)
-        sets.append(np.nonzero(m.any(axis=other) if other else m)[0])
-    prod = np.ones(s.dims, dtype=bool)
-    for c, st in enumerate(sets):
-        sel = np.zeros(s.dims[c], dtype=bool)
-        sel[st] = True
-        shape = [1] * len(s.dims)
-        shape[c] = s.dims[c]
-        prod &= sel.reshape(shape)
-    if not np.array_equal(prod, m):
-        raise IRError(f"prune: the kept channels of '{s.name}' are not a product of per-axis sets")
-    return sets
-
-
-class _Rewriter:
-    def __init__(self, g: Graph, deps: ChannelDeps, masks: list[np.ndarray]):
-        self.g = g
-        self.deps = deps
-        self.masks = masks
-        self.touched: set[str] = set()
-        self.old_dims: dict[str, Any] = {}
-        self._sets: dict[int, list[np.ndarray]] = {}
-        self.dead_candidates: list[Node] = []
-
-    def remove_dead(self) -> None:
-        """Drop constant-folding chains (Reshape / Cast of constants) our rewrites bypassed."""
-        work = list(self.dead_candidates)
-        while work:
-            n = work.pop()
-            if n.graph is not self.g or n.has_subgraphs:
-                continue
-            if any(o.uses or o in self.g.outputs for o in n.outputs):
-                continue
-            ins = [v for v in n.inputs if v is not None]
-            self.g.remove_node(n)
-            for v in ins:
-                if v.producer is not None:
-                    work.append(v.producer)
-                elif self.g.initializers.get(v.name) is v and not v.uses and v not in self.g.outputs:
-                    self.g.remove_initializer(v)
-
-    def keep(self, s: Space) -> np.ndarray:
-        return self.masks[s.index]
-
-    def port(self, node: Node, kind: str, i: int) -> Space | None:
-        return self.deps.ports.get(node.name, {}).get((kind, i))
-
-    def axis_sets(self, s: Space) -> list[np.ndarray]:
-        if s.index not in self._sets:
-            self._sets[s.index] = _axis_sets(s, self.keep(s))
-        return self._sets[s.index]
-
-    def axis_counts(self, s: Space) -> list[int]:
-        return [len(x) for x in self.axis_sets(s)]
-
-    def set_const_input(self, node: Node, idx: int, arr: np.ndarray) -> None:
-        """Give ``node`` input ``idx`` the array ``arr``: in place when only this node reads
-        the initializer, else through a fresh initializer (copy on write)."""
-        v = node.inputs[idx]
-        arr = np.ascontiguousarray(arr)
-        if v is not None and self.g.initializers.get(v.name) is v \
-                and {id(n) for n, _ in v.uses} == {id(node)} and v not in self.g.outputs:
-            v.set_const(arr)
-            v.meta["pass"] = _PASS
-            return
-        base = v.name if v is not None else f"{node.name}.const"
-        nv = self.g.add_initializer(base + "_pruned", arr)
-        nv.meta["pass"] = _PASS
-        node.set_input(idx, nv)
-        if v is not None and v.producer is not None:
-            self.dead_candidates.append(v.producer)
-
-
-def _slice_param(rw: _Rewriter, p: ParamSpec) -> None:
-    v = p.node.inputs[p.input]
-    arr = const_value(v)
-    if arr is None:
-        return
-    s = p.space
-    if p.component is None:
-        if len(s.dims) == 1:
-            idx = np.nonzero(rw.keep(s))[0]
-        else:
-            idx = np.nonzero(rw.keep(s))[0]
-    else:
-        idx = rw.axis_sets(s)[p.component]
-    if arr.shape[p.axis] == len(idx):
-        return
-    if p.component is None and arr.shape[p.axis] != s.size:
-        raise IRError(f"prune: parameter '{v.name}' axis {p.axis} has {arr.shape[p.axis]} entries for "
-                      f"{s.size} channels")
-    rw.set_const_input(p.node, p.input, np.take(arr, idx, axis=p.axis))
-    rw.touched.add(p.node.name)
-
-
-def apply_channel_removal(g: Graph, deps: ChannelDeps, removal: dict[int, Any]) -> dict[str, Any]:
-    """Physically remove the ``removal`` units (``{group index: [unit, ...]}``) from ``g``:
-    weights sliced, attributes / shape constants updated, value shapes updated, unused
-    initializers dropped. Returns a summary."""
-    for gi in removal:
-        if not deps.groups[gi].prunable:
-            raise IRError(f"prune: group {gi} is not prunable ({deps.groups[gi].reason})")
-    masks = keep_masks(deps, removal)
-    rw = _Rewriter(g, deps, masks)
-    changed_spaces = [s for s in deps.spaces if not masks[s.index].all()]
-    for s in changed_spaces:
-        rw.axis_sets(s)  # validate product structure before touching anything
-        rw.old_dims[s.value.name] = list(s.value.shape) if s.value.shape is not None else None
-    old_inits = set(g.initializers)
-    nodes_with_change = set()
-    for p in deps.params:
-        if not masks[p.space.index].all():
-            nodes_with_change.add(p.node.name)
-    for s in changed_spaces:
-        for n, _ in s.value.uses:
-            nodes_with_change.add(n.name)
-        if s.value.producer is not None:
-            nodes_with_change.add(s.value.producer.name)
-    for p in deps.params:
-        if p.node.name in nodes_with_change:
-            _slice_param(rw, p)
-    for node in list(g.nodes):
-        if node.name not in nodes_with_change:
-            continue
-        rule = CHANNEL_RULES.get(node.op_type)
-        if rule is not None and rule.update is not None:
-            rule.update(rw, node)
-    # value shapes
-    for s in changed_spaces:
-        v = s.value
-        if v.shape is None:
-            continue
-        shape = list(v.shape)
-        for a, c in zip(s.axes, rw.axis_counts(s)):
-            shape[a] = int(c)
-        v.shape = tuple(shape)
-        if v.producer is not None:
-            rw.touched.add(v.producer.name)
-    rw.remove_dead()
-    for node in g.nodes:
-        if node.name in rw.touched:
-            mark_changed(node, _PASS)
-    for name in sorted(set(g.initializers) & old_inits):
-        v = g.initializers[name]
-        if not v.uses and v not in g.outputs:
-            g.remove_initializer(v)
-    g._touch()
-    removed = int(sum((~m).sum() for m in masks))
-    return {"removed_channel_entries": removed, "changed_nodes": sorted(rw.touched)}
-
-
-def zero_channels(g: Graph, deps: ChannelDeps, removal: dict[int, Any]) -> int:
-    """Soft pruning: set every parameter that *produces* the removed channels to zero (filters,
-    biases, normalization scale and shift, additive constants), so that the channels compute
-    exactly 0 where the downstream ops map 0 to 0. Shapes are unchanged. Returns the number
-    of parameters zeroed."""
-    masks = keep_masks(deps, removal)
-    rw = _Rewriter(g, deps, masks)
-    zeroed = 0
-    for p in deps.params:
-        if p.kind not in ("out", "norm", "shift"):
-            continue
-        m = masks[p.space.index]
-        if m.all():
-            continue
-        v = p.node.inputs[p.input]
-        cv = const_value(v)
-        if cv is None:
-            continue
-        if p.component is None:
-            drop = np.nonzero(~m)[0]
-        else:
-            kept = rw.axis_sets(p.space)[p.component]
-            sel = np.ones(p.space.dims[p.component], dtype=bool)
-            sel[kept] = False
-            drop = np.nonzero(sel)[0]
-        arr = np.array(cv, copy=True)
-        idx = [slice(None)] * arr.ndim
-        idx[p.axis] = drop
-        zeroed += int(np.count_nonzero(arr[tuple(idx)]))
-        arr[tuple(idx)] = 0
-        rw.set_const_input(p.node, p.input, arr)
-        mark_changed(p.node, _PASS)
-    rw.remove_dead()
-    g._touch()
-    return zeroed

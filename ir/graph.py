@@ -517,15 +517,19 @@ class Graph:
         return out
 
     def _is_weight(self, v: Value) -> bool:
-        """Float initializers, and integer ones that are quantized weights (DequantizeLinear x)."""
+        """Float initializers, and integer ones that are quantized weights (DequantizeLinear x).
+        BatchNormalization running mean / variance are statistics, not parameters (as in torch)."""
         if v.const is None:
+            return False
+        if v._uses and all(n.op_type == "BatchNormalization" and i in (3, 4) for n, i in v._uses):
             return False
         if v.const.dtype.kind == "f":
             return True
         return any(n.op_type == "DequantizeLinear" and i == 0 for n, i in v._uses)
 
     def param_count(self) -> int:
-        """Number of weight elements: float initializers plus quantized integer weights."""
+        """Number of weight elements: float initializers plus quantized integer weights, without
+        BatchNormalization running statistics (so it equals torch's ``numel`` of parameters)."""
         return int(sum(v.const.size for v in self.initializers.values() if self._is_weight(v)))
 
     def weight_bytes(self) -> int:

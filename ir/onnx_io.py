@@ -135,7 +135,7 @@ def from_onnx_model(model: onnx.ModelProto, _infer: bool = True) -> Graph:
 
     types: dict[str, tuple[Any, Any]] = {}
     for vi in list(mg.value_info) + list(mg.input) + list(mg.output):
-        types[vi.name] = _type_of(vi)
+        types[vi.name] = type_of_value_info(vi)
 
     init_names = set()
     for t in mg.initializer:
@@ -217,7 +217,7 @@ def from_onnx_model(model: onnx.ModelProto, _infer: bool = True) -> Graph:
     return g
 
 
-def _type_of(vi: onnx.ValueInfoProto):
+def type_of_value_info(vi: onnx.ValueInfoProto):
     t = vi.type
     if not t.HasField("tensor_type"):
         return None, None

@@ -1,16 +1,17 @@
-"""Passes: the base class and registry, pipeline strings and recipes, the PassManager,
-and every built-in pass (one file per pass).
+"""Passes: the base class, PassResult and registry, declared requirements, pipeline strings
+and recipes, the PassManager, and every built-in pass (one file per pass, or a subpackage for a
+family: ``quantize/``, ``prune/``).
 
     from nnsculpt.passes import parse_pipeline, PassManager
     passes = parse_pipeline("fold-bn,dce")
-    report = PassManager(passes).run(graph)
+    result = PassManager(passes).run(graph)    # result.report: what report.json holds
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .base import PASSES, Pass, PassContext, get_pass, list_passes, register
+from .base import PASSES, Pass, PassContext, PassResult, get_pass, list_passes, register
 
 #: infrastructure modules of this package; every other public module defines passes
 _INFRA_MODULES = {"base", "pipeline", "manager", "requirements"}
@@ -26,7 +27,7 @@ def builtin_pass_modules() -> list[str]:
                   if not m.name.startswith("_") and m.name not in _INFRA_MODULES)
 
 
-def _load_builtin_passes() -> None:
+def load_builtin_passes() -> None:
     """Import every pass module once, so their ``@register`` decorators run."""
     global _loaded
     if _loaded:
@@ -48,5 +49,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["Pass", "PassContext", "PASSES", "register", "get_pass", "list_passes",
+__all__ = ["Pass", "PassContext", "PassResult", "PASSES", "register", "get_pass", "list_passes",
            "parse_pipeline", "load_recipe", "format_pipeline", "PassManager", "RunResult"]

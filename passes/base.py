@@ -1,6 +1,7 @@
 """Pass base class, typed options, the result object, requirements, the registry and the context.
 
-A pass is one class in one file (``passes/dce.py`` is the smallest real one)::
+A pass is one class in one file, or a subpackage for a family of several files (``passes/quantize/``);
+``passes/dce.py`` is the smallest real one::
 
     @register
     class DeadCodeElimination(Pass):
@@ -68,6 +69,11 @@ class PassResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     inserted: list["InsertedPass"] = field(default_factory=list)
     pass_name: str = ""
+
+    @property
+    def graph_changed(self) -> bool:
+        """Whether the graph changed at all: this pass, or an enabling pass inserted for it."""
+        return self.changed or any(i.result.graph_changed for i in self.inserted)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (numpy scalars / arrays become Python numbers / lists)."""
@@ -210,18 +216,18 @@ class Pass:
         return out
 
     def describe(self) -> str:
-        opts = ",".join(f"{k}={_fmt(v)}" for k, v in dataclasses.asdict(self.options).items())
+        opts = ",".join(f"{k}={format_option_value(v)}" for k, v in dataclasses.asdict(self.options).items())
         return f"{self.name}{{{opts}}}" if opts else self.name
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
 
-def _fmt(v: Any) -> str:
+def format_option_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_fmt(x) for x in v) + "]"
+        return "[" + ",".join(format_option_value(x) for x in v) + "]"
     return str(v)
 
 
@@ -336,9 +342,9 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def get_pass(name: str) -> type[Pass]:
-    from . import _load_builtin_passes
+    from . import load_builtin_passes
 
-    _load_builtin_passes()
+    load_builtin_passes()
     try:
         return PASSES[name]
     except KeyError:
@@ -350,7 +356,7 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def list_passes() -> list[type[Pass]]:
-    from . import _load_builtin_passes
+    from . import load_builtin_passes
 
-    _load_builtin_passes()
+    load_builtin_passes()
     return [PASSES[k] for k in sorted(PASSES)]

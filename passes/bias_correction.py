@@ -9,7 +9,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node
 from .base import Pass, PassContext, PassResult, register
-from .quantize import FLOAT32, quantize_weight
+from .quantize.weights import FLOAT32, quantize_weight
 
 
 @register

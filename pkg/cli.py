@@ -130,7 +130,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pm = PassManager(passes, verify=args.verify, check_numerics=check, dump_dir=dump_dir,
                      print_ir=sys.stderr if args.print_ir_after_all else None,
                      min_top1=args.min_top1, min_cosine=args.min_cosine, max_rel_drift=args.max_drift,
-                     fail_on_drift=args.fail_on_drift)
+                     fail_on_drift=args.fail_on_drift, enforce_exact=args.verify)
     result = pm.run(g, ctx)
     if not args.verify:
         verify(result.graph)
@@ -240,8 +240,12 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for cls in list_passes():
         kind = "exact" if cls.exact else "lossy"
         print(f"{cls.name}  [{kind}]  {cls.summary()}")
-        if cls.requires:
-            print(f"    requires: {', '.join(sorted(cls.requires))}")
+        try:  # with default options (some passes' needs depend on their options)
+            reqs = cls().requirements()
+        except NNSculptError:
+            reqs = cls.requires
+        if reqs:
+            print(f"    requires: {', '.join(sorted(reqs))} (with default options)")
         for name, tname, default in cls.option_specs():
             print(f"    {name}: {tname} = {default!r}")
         if args.verbose_docs:

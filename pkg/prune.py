@@ -61,7 +61,7 @@ def prune_graph(graph: Graph, *, ratio: float = 0.5, importance: str = "l2", cal
     (``before`` / ``after`` FLOPs and params, per-step records, ``notes``)."""
     from .ir.verifier import verify
     from .passes.base import PassContext
-    from .passes.prune_channels import PruneChannels
+    from .passes.prune import PruneChannels
 
     opts = dict(options)
     if global_pruning:

@@ -24,7 +24,7 @@ __all__ = ["export_qat"]
 
 
 def _node_for_weight(graph, initializer: str):
-    from .passes.quantize import spec_for
+    from .passes.quantize.table import spec_for
 
     for n in graph.nodes:
         spec = spec_for(n)

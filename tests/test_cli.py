@@ -50,10 +50,24 @@ def test_compile_report_and_determinism(small_onnx, tmp_path, capsys):
     assert [o.name for o in m.graph.output] == ["logits"]
 
 
-def test_compile_from_recipe(small_onnx, tmp_path):
+def test_compile_from_recipe(small_onnx, tmp_path, capsys):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[pass]]\nname = "fold-bn"\n[[pass]]\nname = "dce"\n')
-    assert main(["compile", str(small_onnx), "-p", str(recipe), "-o", str(tmp_path / "o.onnx")]) == 0
+    recipe.write_text('[[pass]]\nname = "fold-bn"\n[[pass]]\nname = "dce"\nremove_unused_initializers = false\n')
+    out = tmp_path / "o.onnx"
+    assert main(["compile", str(small_onnx), "-p", str(recipe), "-o", str(out), "--report", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    # the recipe's passes ran in order, with the recipe's option, and the output says so
+    lines = [ln for ln in printed.splitlines() if ln.startswith("pass ")]
+    assert [ln.split()[1] for ln in lines] == ["fold-bn", "dce"]
+    assert "changed" in lines[0] and f"wrote     {out}" in printed
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["pipeline"] == "fold-bn{fold_gemm=true,fold_matmul=true},dce{remove_unused_initializers=false,keep_custom_domains=false}"
+    assert rep["passes"][1]["options"]["remove_unused_initializers"] is False
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node)
+    # the same pipeline as a string gives the same bytes
+    out2 = tmp_path / "o2.onnx"
+    assert main(["compile", str(small_onnx), "-p", "fold-bn,dce{remove_unused_initializers=false}", "-o", str(out2)]) == 0
+    assert out.read_bytes() == out2.read_bytes()
 
 
 def test_compare_and_bench(small_onnx, tmp_path, capsys):
@@ -68,12 +82,36 @@ def test_compare_and_bench(small_onnx, tmp_path, capsys):
     assert main(["bench", str(small_onnx), str(folded), "--runs", "5", "--warmup", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res) == 2 and all(r["median_ms"] > 0 and r["bytes"] > 0 for r in res)
+    assert res[0]["model"].endswith("small.onnx") and res[1]["model"].endswith("f.onnx")
+    assert res[1]["bytes"] == folded.stat().st_size and res[0]["bytes"] == small_onnx.stat().st_size
+    # the table form: one row per model, the first is the 1.00x baseline, speedup = base / model
+    assert main(["bench", str(small_onnx), str(folded), "--runs", "5", "--warmup", "1"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.strip().endswith(tuple("0123456789"))
+            and (".onnx" in ln)]
+    assert len(rows) == 2, rows
+    assert rows[0][-2] == "1.00x"
+    med = [float(r[1]) for r in rows]
+    # printed medians have 3 decimals: allow for their rounding (~0.0005 ms each)
+    ratio = med[0] / med[1]
+    slack = ratio * (0.0005 / med[0] + 0.0005 / med[1]) + 0.01
+    assert abs(float(rows[1][-2].rstrip("x")) - ratio) <= slack
+    assert int(rows[1][-1].replace(",", "")) == folded.stat().st_size
 
 
 def test_passes_command(capsys):
+    from nnsculpt.passes import list_passes
+
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
-    assert "fold-bn" in out and "dce" in out and "[exact]" in out
+    lines = out.splitlines()
+    for cls in list_passes():  # every pass: its header line, then each option with type and default
+        head = f"{cls.name}  [{'exact' if cls.exact else 'lossy'}]  {cls.summary()}"
+        assert head in lines, head
+        for name, tname, default in cls.option_specs():
+            assert f"    {name}: {tname} = {default!r}" in lines, (cls.name, name)
+    assert "    requires: bn-folded, calib-data, opset>=13, shapes (with default options)" in lines
+    assert main(["passes", "--docs"]) == 0
+    assert "Rewrite rules" in capsys.readouterr().out
 
 
 def _assert_error(rc, err, *needles):
@@ -134,3 +172,31 @@ def test_zoo_compile_main_job(tmp_path):
     line = next(ln for ln in stdout.splitlines() if ln.startswith("top-1 vs labels"))
     acc_a, acc_b = float(line.split()[4]), float(line.split()[6])
     assert acc_a >= 0.95 and acc_a - acc_b <= 0.01  # int8 within 1 point of fp32 on real data
+    assert rep["warnings"] == []  # int8 keeps top-1: no drift warning
+    assert "warning" not in err
+
+
+def test_drift_guard_warns_and_can_refuse(tmp_path):
+    """Never a silently broken model: 95 % unstructured sparsity wrecks digits_resnet's top-1;
+    compile says so on stderr and in report.json, and --fail-on-drift refuses to write it."""
+    from nnsculpt.models.data import main as data_main
+
+    calib = tmp_path / "calib.npz"
+    assert data_main([str(calib), "--split", "val", "-n", "64"]) == 0
+    out = tmp_path / "broken.onnx"
+    args = ["compile", "zoo:digits_resnet", "-p", "prune-weights{sparsity=0.95}", "--calib-data", str(calib)]
+    rc, stdout, err = cli(*args, "-o", str(out), "--report", str(tmp_path / "rep"))
+    assert rc == 0 and out.exists(), err
+    assert "nnsculpt: warning: after pass 'prune-weights': top-1 agreement with the input model" in err
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(rep["warnings"]) == 1 and rep["passes"][0]["warning"] == rep["warnings"][0]
+    top1 = rep["passes"][0]["drift_vs_input"]["top1_agreement"]
+    assert top1 < 0.98 and rep["numerics"]["inputs"] == {"input": [32, 1, 16, 16]}
+    out2 = tmp_path / "refused.onnx"
+    rc, _, err = cli(*args, "-o", str(out2), "--fail-on-drift")
+    _assert_error(rc, err, "DriftError", "prune-weights", "top-1 agreement")
+    assert not out2.exists()
+    # a mild, harmless sparsity passes the guard silently
+    rc, _, err = cli("compile", "zoo:digits_resnet", "-p", "prune-weights{sparsity=0.1}", "--calib-data", str(calib),
+                     "-o", str(tmp_path / "ok.onnx"), "--fail-on-drift")
+    assert rc == 0 and "warning" not in err, err

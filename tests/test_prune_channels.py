@@ -13,10 +13,10 @@ from onnx import TensorProto, helper
 
 from nnsculpt import models
 from nnsculpt.ir import from_onnx, from_torch, graph_stats, verify
-from nnsculpt.ir.channel_deps import (CHANNEL_RULES, apply_channel_removal, channel_dependencies,
-                                      zero_channels)
+from nnsculpt.ir.channel_deps import CHANNEL_RULES, channel_dependencies
 from nnsculpt.ir.errors import PassOptionError
 from nnsculpt.passes import PassContext, get_pass, parse_pipeline
+from nnsculpt.passes.prune.rewrite import UPDATE_RULES, apply_channel_removal, zero_channels
 from nnsculpt.ir.errors import MissingCalibrationDataError
 from nnsculpt.runtime import make_inputs, run, to_onnx
 from nnsculpt.prune import prune_module
@@ -126,6 +126,8 @@ def test_rule_table_covers_required_ops():
     missing = [op for op in need if op not in CHANNEL_RULES]
     assert not missing
     assert all(r.doc for r in CHANNEL_RULES.values())
+    # every op whose attributes / shape constants the rewriter updates has a coupling rule
+    assert set(UPDATE_RULES) <= set(CHANNEL_RULES)
 
 
 def test_unknown_op_stops_the_analysis():

@@ -13,9 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from nnsculpt.ir import InputDataError, PassOptionError, from_onnx, to_onnx_model, verify
 from nnsculpt.ir.onnx_io import from_onnx_model
 from nnsculpt.passes import PassContext, PassManager, parse_pipeline
+from nnsculpt.passes.base import jsonable
 from nnsculpt.passes.quantize import Quantize, quantize_weight
 from nnsculpt.runtime import run, session
-from nnsculpt.runtime.calibrate import integer_fraction
+from nnsculpt.runtime.integer_path import integer_fraction
 from nnsculpt.cli import main
 
 from .conftest import make_small_net, max_rel_err
@@ -277,6 +278,61 @@ def test_budget_keeps_sensitive_layers_float(small_onnx):
     assert PassManager([q2]).run(g2, PassContext(calib_data=calib)).results[-1].artifacts["float_layers"] == []
 
 
+def _pass_state(q):
+    """The pass object's attributes: the same objects, with the same contents (repr)."""
+    return {k: (id(v), repr(v)) for k, v in vars(q).items()}
+
+
+@pytest.mark.parametrize("opts", [{"budget": 0.005}, {"calibration": "kl"}, {"mode": "dynamic"},
+                                  {"mode": "weight-only", "weights": "int4", "block_size": 16}])
+def test_pass_object_keeps_no_state_between_runs(small_onnx, opts):
+    """A run writes nothing onto the pass: ``vars(q)`` is the same before and after, and a
+    second run of the same object gives the same graph and artifacts in a fresh result."""
+    calib = _calib(32)
+    q = Quantize(**opts)
+    before = _pass_state(q)
+    results, models = [], []
+    for _ in range(2):
+        g = from_onnx(small_onnx)
+        results.append(PassManager([q]).run(g, PassContext(calib_data=calib)).results[-1])
+        models.append(to_onnx_model(g).SerializeToString())
+        assert _pass_state(q) == before
+    first, second = results
+    assert first.changed and first.artifacts and first.artifacts is not second.artifacts
+    assert jsonable(first.artifacts) == jsonable(second.artifacts) and first.notes == second.notes
+    assert models[0] == models[1]
+    expected = {"static": "quantized_tensors", "dynamic": "dynamic_layers", "weight-only": "weight_only_layers"}
+    assert expected[q.options.mode] in first.artifacts
+    if "budget" in opts:
+        assert {"error_all_quantized", "float_layers", "sensitivity", "error_final"} <= set(first.artifacts)
+
+
+def test_budget_trials_do_not_leak_into_the_run_state(small_onnx):
+    """The budget search applies trial plans on copies (with every Relu absorbed and removed);
+    the run state only records what the final rewrite removed from the graph itself."""
+    from nnsculpt.passes.quantize.state import QuantRun
+    from nnsculpt.passes.quantize.static import run_static
+    from nnsculpt.passes.requirements import satisfy
+
+    g = from_onnx(small_onnx)
+    q = Quantize(budget=0.005)
+    ctx = PassContext(calib_data=_calib(32))
+    satisfy(q, g, ctx)
+    relus = {n.name for n in g.nodes if n.op_type == "Relu"}
+    state = QuantRun(ctx)
+    run_static(q, g, state)
+    kept = state.artifacts["float_layers"]
+    assert kept, "the budget must keep a layer float for this test to mean anything"
+    removed = relus - {n.name for n in g.nodes}
+    assert sorted(state.removed_activations) == sorted(removed)
+    assert len(set(state.removed_activations)) == len(state.removed_activations)
+    assert removed != relus   # a Relu after a float layer stays: the trials (all quantized) removed it
+    assert set(state.absorbed_into) == removed and all(state.absorbed_into.values())
+    assert state.reference is not None and relus <= {n.name for n in state.reference.nodes}
+    assert state.histograms and set(state.histograms) >= {n.inputs[0].name for n in state.reference.nodes
+                                                           if n.op_type == "Conv"}
+
+
 # ----------------------------------------------------------------------- trained model
 @pytest.fixture(scope="module")
 def digits():
@@ -405,7 +461,9 @@ def test_qat_fake_quant_ste_and_export_of_learned_scales(small_onnx):
     name = next(n for n, m in mods.items() if m is conv)
     w_init = module._nnsculpt_param_map[f"{name}.weight"].initializer
     dq = next(n for n in g.nodes if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith(w_init))
-    assert dq.op_type == "DequantizeLinear"
+    # it is the conv's weight: constant int8 values, read as input 1 of that Conv and nothing else
+    assert dq.inputs[0].is_const and dq.inputs[0].const.dtype == np.int8
+    assert [(u.op_type, i) for u, i in dq.outputs[0].uses] == [("Conv", 1)]
     np.testing.assert_allclose(dq.inputs[1].const, conv.weight_fake_quant.export()[0], rtol=1e-6)
     assert np.abs(dq.inputs[0].const).max() <= 7   # 4-bit values
     torch_out = module(torch.from_numpy(calib["input"])).detach().numpy()

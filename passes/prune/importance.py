@@ -31,8 +31,8 @@ import logging
 
 import numpy as np
 
-from ..ir.channel_deps import ChannelDeps, DepGroup, ParamSpec, const_value
-from ..ir.graph import Graph
+from ...ir.channel_deps import ChannelDeps, DepGroup, ParamSpec, const_value
+from ...ir.graph import Graph
 
 log = logging.getLogger("nnsculpt.passes")
 
@@ -161,7 +161,7 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
     import torch
     import torch.nn.functional as F
 
-    from ..runtime.torch_lowering import PARAM_MAP_ATTR, to_torch
+    from ...runtime.torch_lowering import PARAM_MAP_ATTR, to_torch
 
     module = to_torch(graph)
     module.eval()
@@ -204,8 +204,8 @@ def activation(deps: ChannelDeps, groups: list[DepGroup], graph: Graph, calib: d
                stat: str = "mean", reduction: str = "mean", max_samples: int = 256, batch_size: int = 32):
     """Activation statistics on the values read by the group's consumers (fallback: every
     space of the group), measured with ONNX Runtime."""
-    from ..ir.onnx_io import to_onnx_model
-    from ..runtime.ort import session
+    from ...ir.onnx_io import to_onnx_model
+    from ...runtime.ort import session
 
     # which spaces to measure per group
     consumer_spaces: dict[int, set[int]] = {}

@@ -1,7 +1,8 @@
 """Per-op quantization table: which inputs of an op get QuantizeLinear/DequantizeLinear,
 whether its output is quantized, where its weight and bias are and along which axis the
 weight is quantized per channel -- and which ONNX Runtime integer kernel the QDQ group
-becomes. The ``quantize`` pass reads only this table; adding an op is one entry.
+becomes. The ``quantize`` pass (its placement and strategies) reads only this table; adding
+an op is one entry.
 
 Kinds (how the pass treats the op):
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from ..ir.graph import Node
+from ...ir.graph import Node
 
 Kind = Literal["compute", "elementwise", "absorb", "passthrough"]
 

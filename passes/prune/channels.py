@@ -1,8 +1,9 @@
 """``prune-channels``: structured pruning -- remove whole channels, attention heads and groups.
 
 The pass runs the channel-dependency analysis (:mod:`nnsculpt.ir.channel_deps`), scores every
-unit of every prunable dependency group (:mod:`nnsculpt.passes._prune_importance`), picks the
-units to remove for the requested target, and removes them physically: weights are sliced,
+unit of every prunable dependency group (:mod:`nnsculpt.passes.prune.importance`), picks the
+units to remove for the requested target, and removes them physically
+(:mod:`nnsculpt.passes.prune.rewrite`): weights are sliced,
 ``group`` / ``Split`` sizes / ``Slice`` bounds / ``Reshape`` targets / ``Resize`` sizes are
 rewritten and value shapes updated -- the result is a smaller graph (smaller ONNX file,
 smaller torch module from :func:`nnsculpt.runtime.to_torch`) with the same inputs and outputs.
@@ -18,16 +19,15 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from ..ir.analysis import graph_stats, node_costs
-from ..ir.channel_deps import (ChannelDeps, DepGroup, apply_channel_removal, channel_dependencies,
-                               zero_channels)
-from ..ir.errors import MissingCalibrationDataError, NNSculptError, PassOptionError
-from ..ir.graph import Graph
-from ._prune_importance import DATA_DRIVEN, group_importance, unit_index
-from .base import Pass, PassContext, PassResult, register
+from ...ir.analysis import graph_stats, node_costs
+from ...ir.channel_deps import ChannelDeps, DepGroup, channel_dependencies
+from ...ir.errors import MissingCalibrationDataError, NNSculptError, PassOptionError
+from ...ir.graph import Graph
+from ..base import Pass, PassContext, PassResult, register
+from .importance import DATA_DRIVEN, group_importance, unit_index
+from .rewrite import apply_channel_removal, zero_channels
 
 log = logging.getLogger("nnsculpt.passes")
-
 
 
 # ============================================================================ cost model
@@ -98,7 +98,7 @@ def recalibrate_batchnorm(graph: Graph, calib: dict[str, np.ndarray], *, max_sam
     import torch
     from torch import nn
 
-    from ..runtime.torch_lowering import to_torch, write_back
+    from ...runtime.torch_lowering import to_torch, write_back
 
     module = to_torch(graph)
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -222,9 +222,9 @@ class PruneChannels(Pass):
         return {("global" if k == "global_" else k): v for k, v in dataclasses.asdict(self.options).items()}
 
     def describe(self) -> str:
-        from .base import _fmt
+        from ..base import format_option_value
 
-        return f"{self.name}{{" + ",".join(f"{k}={_fmt(v)}" for k, v in self.options_dict().items()) + "}"
+        return f"{self.name}{{" + ",".join(f"{k}={format_option_value(v)}" for k, v in self.options_dict().items()) + "}"
 
     @classmethod
     def option_specs(cls):
