@@ -1448,7 +1448,7 @@ def _reshape_checked(an: Analyzer, node: Node) -> None:
         an.block(s, f"dynamic reshape target (at Reshape '{node.name}')")
 
 
-_UNARY_OPS = ["Relu", "LeakyRelu", "PRelu_", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish",
+_UNARY_OPS = ["Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish",
               "Tanh", "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs",
               "Reciprocal", "Identity", "Dropout", "Cast", "CastLike", "Floor", "Ceil", "Round", "Sign",
               "Sin", "Cos", "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Not", "IsNaN", "IsInf",
