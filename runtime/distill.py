@@ -41,6 +41,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -54,7 +55,7 @@ from ..ir.errors import InputDataError, ModelLoadError, NNSculptError
 
 log = logging.getLogger("nnsculpt.distill")
 
-__all__ = ["kd_loss", "distill", "add_cli", "cmd_distill", "main", "load_npz_data",
+__all__ = ["kd_loss", "distill", "DistillConfig", "add_cli", "cmd_distill", "main", "load_npz_data",
            "is_main_process"]
 
 ZOO_PREFIX = "zoo:"
@@ -663,14 +664,70 @@ def _deterministic(seed: int, device: torch.device):
 
 
 # ========================================================================== distill
-def distill(student, teacher, data, *, epochs: int, temperature: float = 4.0, alpha: float = 0.9,
+@dataclass
+class DistillConfig:
+    """The training settings of :func:`distill` (everything but the models, the data and the
+    callbacks). ``validate()`` checks them and returns a copy with ``lr`` resolved (0.05 for
+    SGD, 1e-3 for Adam when None) and ``optimizer`` lower-cased.
+
+    ``epochs``; ``temperature``, ``alpha``, ``beta`` (see :func:`kd_loss`); ``lr``,
+    ``optimizer`` (``"sgd"``: Nesterov momentum, ``"adam"``), ``batch_size`` (global, over all
+    ranks), ``weight_decay``, ``momentum``, ``schedule`` (``"cosine"`` per step or
+    ``"constant"``); ``seed``; ``hints`` (``{student_path: teacher_path}``) and ``hint_weight``;
+    ``keep_masks``; ``progress``; ``best_checkpoint``; ``device``; ``input_names``.
+    """
+
+    epochs: int = 10
+    temperature: float = 4.0
+    alpha: float = 0.9
+    beta: float = 0.1
+    lr: float | None = None
+    optimizer: str = "sgd"
+    batch_size: int = 64
+    seed: int = 0
+    hints: dict[str, str] = field(default_factory=dict)
+    hint_weight: float = 1.0
+    keep_masks: bool = True
+    progress: bool = True
+    best_checkpoint: bool = True
+    device: str = "cpu"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    input_names: list[str] | None = None
+
+    def validate(self) -> "DistillConfig":
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise NNSculptError(f"distill: option 'epochs' must be an integer >= 0, got {self.epochs!r}")
+        if not self.temperature or self.temperature <= 0:
+            raise NNSculptError(f"distill: option 'temperature' must be > 0, got {self.temperature}")
+        if self.alpha < 0 or self.beta < 0 or (self.alpha == 0 and self.beta == 0):
+            raise NNSculptError(f"distill: options 'alpha' and 'beta' must be >= 0 and not both 0, "
+                                f"got alpha={self.alpha} beta={self.beta}")
+        opt = str(self.optimizer).lower()
+        if opt not in _DEFAULT_LR:
+            raise NNSculptError(f"distill: option 'optimizer' must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.batch_size < 1:
+            raise NNSculptError(f"distill: option 'batch_size' must be >= 1, got {self.batch_size}")
+        if self.schedule not in ("cosine", "constant"):
+            raise NNSculptError(f"distill: option 'schedule' must be 'cosine' or 'constant', got {self.schedule!r}")
+        return dataclasses.replace(
+            self, temperature=float(self.temperature), alpha=float(self.alpha), beta=float(self.beta),
+            lr=float(_DEFAULT_LR[opt] if self.lr is None else self.lr), optimizer=opt,
+            batch_size=int(self.batch_size), seed=int(self.seed), hints=dict(self.hints or {}),
+            hint_weight=float(self.hint_weight), weight_decay=float(self.weight_decay),
+            momentum=float(self.momentum),
+            input_names=None if self.input_names is None else list(self.input_names))
+
+
+def distill(student, teacher, data, *, epochs: int | None = None, temperature: float = 4.0, alpha: float = 0.9,
             beta: float = 0.1, lr: float | None = None, optimizer: str = "sgd", batch_size: int = 64,
             seed: int = 0, val_data=None, hints: Mapping[str, str] | None = None, hint_weight: float = 1.0,
             keep_masks: bool = True, eval_fn: Callable[[nn.Module], float] | None = None,
             progress: bool = True, best_checkpoint: bool = True, device: str | torch.device = "cpu",
             weight_decay: float = 5e-4, momentum: float = 0.9, schedule: str = "cosine",
             input_names: Sequence[str] | None = None,
-            on_epoch_end: Callable[[dict], None] | None = None):
+            on_epoch_end: Callable[[dict], None] | None = None, config: DistillConfig | None = None):
     """Distill ``teacher`` into ``student``; returns the trained student.
 
     Args:
@@ -706,37 +763,37 @@ def distill(student, teacher, data, *, epochs: int, temperature: float = 4.0, al
             (T^2-scaled KL), hint_loss (with hints), train_acc (top-1 against the labels, or
             agreement with the teacher without labels), val_acc, lr, seconds, best_epoch).
 
+    ``config``: a :class:`DistillConfig` holding the training settings instead of the keyword
+    arguments above (``val_data``, ``eval_fn`` and ``on_epoch_end`` are still passed here);
+    combining it with a training keyword that differs from its default is an error.
+
     Under ``torchrun`` (``WORLD_SIZE > 1``) the same call trains data parallel (see the module
     docstring).
     """
-    # ---------------------------------------------------------------- options
-    if not isinstance(epochs, int) or epochs < 0:
-        raise NNSculptError(f"distill: option 'epochs' must be an integer >= 0, got {epochs!r}")
-    if not temperature or temperature <= 0:
-        raise NNSculptError(f"distill: option 'temperature' must be > 0, got {temperature}")
-    if alpha < 0 or beta < 0 or (alpha == 0 and beta == 0):
-        raise NNSculptError(f"distill: options 'alpha' and 'beta' must be >= 0 and not both 0, "
-                            f"got alpha={alpha} beta={beta}")
-    opt_name = str(optimizer).lower()
-    if opt_name not in _DEFAULT_LR:
-        raise NNSculptError(f"distill: option 'optimizer' must be 'sgd' or 'adam', got {optimizer!r}")
-    if batch_size < 1:
-        raise NNSculptError(f"distill: option 'batch_size' must be >= 1, got {batch_size}")
-    if schedule not in ("cosine", "constant"):
-        raise NNSculptError(f"distill: option 'schedule' must be 'cosine' or 'constant', got {schedule!r}")
-    lr = float(_DEFAULT_LR[opt_name] if lr is None else lr)
-    hints = dict(hints or {})
+    given = dict(epochs=epochs, temperature=temperature, alpha=alpha, beta=beta, lr=lr, optimizer=optimizer,
+                 batch_size=batch_size, seed=seed, hints=dict(hints or {}), hint_weight=hint_weight,
+                 keep_masks=keep_masks, progress=progress, best_checkpoint=best_checkpoint, device=device,
+                 weight_decay=weight_decay, momentum=momentum, schedule=schedule,
+                 input_names=None if input_names is None else list(input_names))
+    if config is None:
+        if epochs is None:
+            raise NNSculptError("distill: option 'epochs' is required (or pass config=DistillConfig(...))")
+        config = DistillConfig(**given)
+    else:
+        defaults = DistillConfig(epochs=0)
+        clash = sorted(k for k, v in given.items() if k != "epochs" and v != getattr(defaults, k))
+        if epochs is not None:
+            clash.insert(0, "epochs")
+        if clash:
+            raise NNSculptError(f"distill: pass the training settings either as config= or as keywords, "
+                                f"not both (also given: {', '.join(clash)})")
+    cfg = config.validate()
 
-    d = _setup_dist(device)
+    d = _setup_dist(cfg.device)
     dev = d.device
     try:
-        return _distill(student, teacher, data, d=d, epochs=epochs, temperature=float(temperature),
-                        alpha=float(alpha), beta=float(beta), lr=lr, opt_name=opt_name,
-                        batch_size=int(batch_size), seed=int(seed), val_data=val_data, hints=hints,
-                        hint_weight=float(hint_weight), keep_masks=keep_masks, eval_fn=eval_fn,
-                        progress=progress, best_checkpoint=best_checkpoint, dev=dev,
-                        weight_decay=float(weight_decay), momentum=float(momentum), schedule=schedule,
-                        input_names=input_names, on_epoch_end=on_epoch_end)
+        return _distill(student, teacher, data, cfg, d=d, dev=dev, val_data=val_data, eval_fn=eval_fn,
+                        on_epoch_end=on_epoch_end)
     finally:
         if d.initialized_here:
             import torch.distributed as dist
@@ -744,9 +801,11 @@ def distill(student, teacher, data, *, epochs: int, temperature: float = 4.0, al
             dist.destroy_process_group()
 
 
-def _distill(student, teacher, data, *, d: _Dist, epochs, temperature, alpha, beta, lr, opt_name, batch_size,
-             seed, val_data, hints, hint_weight, keep_masks, eval_fn, progress, best_checkpoint, dev,
-             weight_decay, momentum, schedule, input_names, on_epoch_end):
+def _distill(student, teacher, data, cfg: DistillConfig, *, d: _Dist, dev, val_data, eval_fn, on_epoch_end):
+    epochs, temperature, alpha, beta, lr = cfg.epochs, cfg.temperature, cfg.alpha, cfg.beta, cfg.lr
+    opt_name, batch_size, seed, hints, hint_weight = cfg.optimizer, cfg.batch_size, cfg.seed, cfg.hints, cfg.hint_weight
+    keep_masks, progress, best_checkpoint = cfg.keep_masks, cfg.progress, cfg.best_checkpoint
+    weight_decay, momentum, schedule, input_names = cfg.weight_decay, cfg.momentum, cfg.schedule, cfg.input_names
     from tqdm.auto import tqdm
 
     module, graph, s_label = _resolve_student(student)
@@ -1035,12 +1094,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
             line += f"  val_acc {rec['val_acc']:.4f}"
         say(line, flush=True)
 
-    result = distill(student, args.teacher, args.data, epochs=args.epochs, temperature=args.temperature,
-                     alpha=args.alpha, beta=args.beta, lr=args.lr, optimizer=args.optimizer,
-                     batch_size=args.batch_size, seed=args.seed, val_data=args.val, hints=hints or None,
-                     hint_weight=args.hint_weight, keep_masks=not args.no_keep_masks,
-                     progress=not args.no_progress, device=args.device, weight_decay=args.weight_decay,
-                     input_names=in_names, on_epoch_end=report)
+    config = DistillConfig(epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, beta=args.beta,
+                           lr=args.lr, optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
+                           hints=dict(hints or {}), hint_weight=args.hint_weight, keep_masks=not args.no_keep_masks,
+                           progress=not args.no_progress, device=args.device, weight_decay=args.weight_decay,
+                           input_names=in_names)
+    result = distill(student, args.teacher, args.data, val_data=args.val, on_epoch_end=report, config=config)
     if not main_rank:
         return 0
     if isinstance(result, nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 from nnsculpt import models
 from nnsculpt.ir.errors import InputDataError, ModelLoadError, NNSculptError
 from nnsculpt.models.data import digits_npz, load_digits_dataset
-from nnsculpt.runtime.distill import _make_adapter, add_cli, distill, kd_loss
+from nnsculpt.runtime.distill import DistillConfig, _make_adapter, add_cli, distill, kd_loss
 
 N_TRAIN, N_VAL = 192, 128
 
@@ -131,6 +131,23 @@ def test_distill_deterministic_learns_and_leaves_teacher_alone(digits, teacher):
     assert all(p.grad is None for p in teacher.parameters())
     assert not s0.training and not teacher.training
     assert recs[1]["soft_loss"] < recs[0]["soft_loss"]  # learning
+
+
+def test_config_form_is_bit_identical_to_keywords(digits, teacher):
+    train, val = digits
+    kw = distill(small_student(), teacher, train, epochs=2, seed=3, lr=0.02, temperature=3.0, val_data=val,
+                 progress=False)
+    cfg = DistillConfig(epochs=2, seed=3, lr=0.02, temperature=3.0, progress=False)
+    viacfg = distill(small_student(), teacher, train, val_data=val, config=cfg)
+    a, b = state(kw), state(viacfg)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cfg.lr == 0.02 and cfg.validate().optimizer == "sgd" and DistillConfig().validate().lr == 0.05
+    with pytest.raises(NNSculptError, match="either as config= or as keywords.*seed"):
+        distill(small_student(), teacher, train, seed=5, config=cfg)
+    with pytest.raises(NNSculptError, match="'epochs' is required"):
+        distill(small_student(), teacher, train)
+    with pytest.raises(NNSculptError, match="'optimizer' must be 'sgd' or 'adam'"):
+        distill(small_student(), teacher, train, config=DistillConfig(epochs=1, optimizer="lion"))
 
 
 def test_distill_keeps_pruning_masks(digits, teacher):
