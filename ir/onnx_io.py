@@ -227,8 +227,10 @@ def type_of_value_info(vi: onnx.ValueInfoProto):
         return dt, None
     dims = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(int(d.dim_value))
+        elif d.HasField("dim_value"):  # -1 (Paddle's dynamic batch) or 0: symbolic, not a size
+            dims.append(None)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:

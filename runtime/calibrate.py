@@ -549,11 +549,6 @@ def compute_range(h: Histogram, method: str, *, dtype=np.uint8, symmetric: bool 
 
 
 # ============================================================================ collection
-def _batches(data: Mapping[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
-    n = min(len(v) for v in data.values()) if data else 0
-    return [{k: v[s:s + batch_size] for k, v in data.items()} for s in range(0, n, max(1, batch_size))]
-
-
 def _model_with_outputs(graph, names: Sequence[str]):
     """The graph lowered to ONNX with ``names`` appended as graph outputs."""
     import onnx
@@ -579,7 +574,7 @@ def iter_intermediates(graph, names: Sequence[str], data: Mapping[str, np.ndarra
     from tqdm.auto import tqdm
 
     from ..ir.errors import InputDataError
-    from .ort import session
+    from .ort import feed_batches, session
 
     names = list(dict.fromkeys(names))
     model = _model_with_outputs(graph, names)
@@ -589,7 +584,7 @@ def iter_intermediates(graph, names: Sequence[str], data: Mapping[str, np.ndarra
     if missing:
         raise InputDataError(f"calibration data lacks input(s) {missing} (it has {sorted(data)})")
     data = {k: data[k] for k in feeds_needed}
-    batches = _batches(data, batch_size)
+    batches = list(feed_batches(sess, data, batch_size))  # a batch fixed at 1: one sample at a time
     bar = tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
     for feed in bar:
         outs = sess.run(names, feed) if names else []

@@ -68,13 +68,60 @@ def session(model: "Graph | onnx.ModelProto | str | os.PathLike | bytes", *, pro
         raise ModelLoadError(f"{what}: ONNX Runtime cannot load the model: {str(e).strip().splitlines()[0]}") from None
 
 
-def run(model, inputs: Mapping[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Run ``model`` (Graph, ModelProto, path or InferenceSession) on named inputs."""
+def run(model, inputs: Mapping[str, np.ndarray], output_names: list[str] | None = None, *,
+        batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` (Graph, ModelProto, path or InferenceSession) on named inputs.
+
+    Any number of samples runs on any model: the inputs are fed in chunks that fit the model
+    (:func:`feed_batches`) -- one sample at a time for a batch fixed at 1, ``batch_size`` rows
+    for a symbolic batch (all at once when None) -- and the outputs are concatenated along
+    dim 0."""
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = output_names or [o.name for o in sess.get_outputs()]
-    feed = {i.name: inputs[i.name] for i in sess.get_inputs() if i.name in inputs}
-    outs = sess.run(names, feed)
-    return dict(zip(names, outs))
+    parts = [sess.run(names, feed) for feed in feed_batches(sess, inputs, batch_size)]
+    if len(parts) == 1:
+        return dict(zip(names, parts[0]))
+    return {n: np.concatenate([np.asarray(p[i]) for p in parts], axis=0) if np.ndim(parts[0][i]) else parts[0][i]
+            for i, n in enumerate(names)}
+
+
+def _fixed_dim0(shape) -> int | None:
+    d = shape[0] if shape else None
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def feed_batches(sess: ort.InferenceSession, inputs: Mapping[str, np.ndarray], batch_size: int | None = None):
+    """Yield feeds of ``inputs`` that fit ``sess``'s inputs.
+
+    The sample count ``n`` is the leading dim of the first input with rank >= 1; inputs whose
+    leading dim is ``n`` are split, the others (scalars, recurrent state) are fed whole. When
+    every split input has a fixed leading dim ``k`` in the model (a batch fixed at 1, say), the
+    chunks have ``k`` rows (``n`` must be a multiple of ``k``); with a symbolic batch, chunks of
+    ``batch_size`` rows (everything at once when None). Raises :class:`InputDataError` naming
+    the input when an input is missing or the sample count does not fit a fixed batch."""
+    metas = [m for m in sess.get_inputs() if m.name in inputs]  # a missing one: ORT names it
+    feed = {m.name: np.asarray(inputs[m.name]) for m in metas}
+    ranked = [m for m in metas if feed[m.name].ndim >= 1]
+    if not ranked:
+        yield feed
+        return
+    n = feed[ranked[0].name].shape[0]
+    split = [m for m in ranked if feed[m.name].shape[0] == n]
+    fixed = {_fixed_dim0(m.shape) for m in split}
+    if len(fixed) == 1 and None not in fixed:
+        step = fixed.pop()
+        if n % step:
+            bad = split[0]
+            raise InputDataError(f"input '{bad.name}': {n} samples do not split into the model's fixed batch of "
+                                 f"{step} (dim 0 is fixed at {step})")
+    else:
+        step = int(batch_size) if batch_size else n
+    if step >= n:
+        yield feed
+        return
+    for s in range(0, n, step):
+        yield {k: (np.ascontiguousarray(v[s:s + step]) if any(m.name == k for m in split) else v)
+               for k, v in feed.items()}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -156,8 +203,12 @@ def load_inputs(path: str | os.PathLike, graph: Graph) -> dict[str, np.ndarray]:
                 raise InputDataError(f"{p}: input '{v.name}' has rank {arr.ndim}, the model expects "
                                      f"{len(v.shape)} (shape {list(v.shape)})")
             for i, (a, d) in enumerate(zip(arr.shape, v.shape)):
-                if isinstance(d, int) and a != d:
-                    raise InputDataError(f"{p}: input '{v.name}' dim {i} is {a}, the model expects {d}")
+                if not isinstance(d, int) or d <= 0 or a == d:
+                    continue
+                if i == 0 and a % d == 0:
+                    continue  # more samples than a fixed batch: they are fed d at a time
+                what = "samples, not a multiple of the fixed batch" if i == 0 else "the model expects"
+                raise InputDataError(f"{p}: input '{v.name}' dim {i} is {a}, {what} {d}")
         if v.dtype is not None and arr.dtype != v.dtype:
             if arr.dtype.kind == v.dtype.kind or (arr.dtype.kind in "iu" and v.dtype.kind in "iu") \
                     or (arr.dtype.kind in "iuf" and v.dtype.kind == "f"):

@@ -205,7 +205,7 @@ def activation(deps: ChannelDeps, groups: list[DepGroup], graph: Graph, calib: d
     """Activation statistics on the values read by the group's consumers (fallback: every
     space of the group), measured with ONNX Runtime."""
     from ...ir.onnx_io import to_onnx_model
-    from ...runtime.ort import session
+    from ...runtime.ort import feed_batches, session
 
     # which spaces to measure per group
     consumer_spaces: dict[int, set[int]] = {}
@@ -235,8 +235,7 @@ def activation(deps: ChannelDeps, groups: list[DepGroup], graph: Graph, calib: d
     n = min(min(len(calib[k]) for k in names), max_samples)
     acc: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
-    for s in range(0, n, batch_size):
-        feed = {k: np.ascontiguousarray(calib[k][s:s + batch_size]) for k in names}
+    for feed in feed_batches(sess, {k: calib[k][:n] for k in names}, batch_size):
         res = sess.run(out_names, feed)
         for name, arr in zip(out_names, res):
             sp = deps.space_of[name]
