@@ -42,6 +42,10 @@ class NumericsError(NNSculptError):
     """A pass changed the model outputs beyond the allowed tolerance."""
 
 
+class AlreadyQuantizedError(NNSculptError):
+    """A quantization pass was asked to quantize a model that is already quantized."""
+
+
 class MissingCalibrationDataError(InputDataError):
     """A data-driven pass (calibration, activation / Taylor importance) ran without calibration data."""
 

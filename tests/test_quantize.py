@@ -506,3 +506,29 @@ def test_qat_recovers_4bit_weights_on_digits(digits, one_torch_thread):
     assert _top1(ptq, xte, yte) < fp32 - 0.03      # the problem is real
     assert acc >= fp32 - 0.02, (fp32, acc)
     assert integer_fraction(q).fraction > 0.95
+
+
+def test_already_quantized_model_is_refused_unless_requantize(small_onnx, tmp_path):
+    from nnsculpt.ir.errors import AlreadyQuantizedError
+
+    g = from_onnx(small_onnx)
+    PassManager(parse_pipeline("quantize")).run(g, PassContext(calib_data=_calib()))
+    q_bytes = to_onnx_model(g).SerializeToString()
+    n_q = sum(n.op_type == "QuantizeLinear" for n in g.nodes)
+    with pytest.raises(AlreadyQuantizedError, match=r"already quantized \(DequantizeLinear x\d+, QuantizeLinear x\d+\)"):
+        PassManager(parse_pipeline("quantize")).run(g, PassContext(calib_data=_calib()))
+    assert to_onnx_model(g).SerializeToString() == q_bytes          # refused before touching it
+    for mode in ("dynamic", "weight-only"):
+        with pytest.raises(AlreadyQuantizedError):
+            PassManager(parse_pipeline(f"quantize{{mode={mode}}}")).run(from_onnx_model(to_onnx_model(g)))
+    # requantize: nothing already quantized is quantized twice
+    res = PassManager(parse_pipeline("quantize{requantize=true}")).run(g, PassContext(calib_data=_calib()))
+    assert sum(n.op_type == "QuantizeLinear" for n in g.nodes) == n_q
+    assert any("requantize" in s for s in res.report["passes"][-1]["notes"])
+    # the CLI names it and writes nothing
+    qpath = tmp_path / "q.onnx"
+    qpath.write_bytes(q_bytes)
+    np.savez(tmp_path / "c.npz", input=_calib()["input"])
+    out = tmp_path / "qq.onnx"
+    assert main(["compile", str(qpath), "-p", "quantize", "--calib-data", str(tmp_path / "c.npz"), "-o", str(out)]) == 2
+    assert not out.exists()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 import numpy as np
 
-from ...ir.errors import PassOptionError
+from ...ir.errors import AlreadyQuantizedError, PassOptionError
 from ...ir.graph import Graph
 from ..base import Pass, PassContext, PassResult, register
 from .dynamic import run_dynamic
@@ -39,6 +39,23 @@ from .weights import FLOAT32, quantize_weight
 log = logging.getLogger("nnsculpt.passes.quantize")
 
 __all__ = ["Quantize", "quantize_weight", "QuantPlan", "ActQuant", "QuantRun", "OpQuant", "spec_for", "FLOAT32"]
+
+
+#: ops that mean a graph is already quantized (QDQ, QOperator, integer and com.microsoft forms)
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "DynamicQuantizeLSTM", "MatMulNBits", "MatMulBnb4", "QAttention", "QEmbedLayerNormalization",
+})
+
+
+def quantized_ops(graph: Graph) -> dict[str, int]:
+    """``{op_type: count}`` of the nodes that show ``graph`` is already quantized."""
+    out: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") or n.op_type.startswith("QOrdered"):
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
 
 
 @register
@@ -118,6 +135,7 @@ class Quantize(Pass):
         fold_bn: bool = True
         check_integer: bool = True
         progress: Optional[bool] = None   # tqdm bar while calibrating; default: when stderr is a terminal
+        requantize: bool = False          # quantize a model that already holds quantized ops
 
     def __init__(self, *, metric: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float] | None = None,
                  act_overrides: Mapping[str, tuple[float, int]] | None = None,
@@ -186,6 +204,15 @@ class Quantize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
+        found = quantized_ops(graph)
+        if found:
+            summary = ", ".join(f"{k} x{v}" for k, v in sorted(found.items()))
+            if not o.requantize:
+                raise AlreadyQuantizedError(
+                    f"pass 'quantize': model '{graph.name}' is already quantized ({summary}); quantizing it "
+                    f"again would stack a second rounding on the first -- quantize the float model, or pass "
+                    f"quantize{{requantize=true}} to quantize only what is still float")
+            ctx.note(f"requantize: the model already holds {summary}; those are left as they are")
         state = QuantRun(ctx)
         if o.mode == "weight-only":
             n = run_weight_only(self, graph, state)

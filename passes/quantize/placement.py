@@ -66,8 +66,20 @@ def candidates(graph: Graph, options: Any) -> list[Node]:
         spec = spec_for(n)
         if spec is None or matches(n, options.exclude) or (ops and n.op_type not in ops):
             continue
+        if _touches_quantized(n):  # requantize: what already reads / feeds Q-DQ stays as it is
+            continue
         out.append(n)
     return out
+
+
+def _touches_quantized(n: Node) -> bool:
+    if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return True
+    for v in n.inputs:
+        if v is not None and v.producer is not None and v.producer.op_type in ("DequantizeLinear",
+                                                                              "DynamicQuantizeLinear"):
+            return True
+    return any(u.op_type == "QuantizeLinear" for o in n.outputs for u, _ in o.uses)
 
 
 def act_inputs(node: Node, spec: OpQuant) -> list[int] | None:
