@@ -194,6 +194,23 @@ def _rsqrt_of(v: Value | None) -> tuple[Value, list[Node]] | None:
     return (s[0], [s[1], p]) if s is not None else None
 
 
+def _factor(v: Value | None) -> tuple[Value, list[Node], tuple[np.ndarray, Value] | None] | None:
+    """``rsqrt(t)`` or ``Mul(gamma, rsqrt(t))`` (either order, constant gamma) ->
+    ``(t, nodes, (gamma, gamma_value) or None)``."""
+    r = _rsqrt_of(v)
+    if r is not None:
+        return r[0], r[1], None
+    p = _producer(v, "Mul")
+    if p is None or len(p.inputs) != 2:
+        return None
+    for gi, ri in ((0, 1), (1, 0)):
+        gc = const_of(p.inputs[gi])
+        rr = _rsqrt_of(p.inputs[ri])
+        if gc is not None and rr is not None:
+            return rr[0], rr[1] + [p], (gc, p.inputs[gi])
+    return None
+
+
 def _norm_axes(axes, rank: int) -> list[int] | None:
     if axes == "all":
         return list(range(rank))
@@ -248,6 +265,11 @@ class FuseLayerNorm(Pass):
       (either operand order), each taken only when it is the sole user of the value before it
       and broadcasts over the normalised dims only (else it stays after the new node, and an
       ``Add`` after an untaken ``Mul`` stays too);
+    * or, without a ``Sub(x, mean)`` before the scaling, ``Add(Mul(x, r), Sub(beta,
+      Mul(mean_of(x), r)))`` -- ``Neg(Mul(mean_of(x), r))`` without beta; operands in either
+      order -- with ``r`` = ``rsqrt(var + eps)`` or ``Mul(gamma, rsqrt(var + eps))`` as above:
+      TensorFlow's ``tf.nn.moments`` + ``tf.nn.batch_normalization`` (TF1 BERT's
+      ``layer_norm``) as tf2onnx writes it; its gamma and beta become the scale and bias;
     * the whole chain becomes ``LayerNormalization(x, scale, bias, axis=-k, epsilon=eps)``;
       missing gamma / beta become ones / zeros of the normalised shape, and gamma / beta that
       broadcast (``[1, C]``, a scalar) are expanded to it. The new node keeps the name and
@@ -322,9 +344,9 @@ class FuseLayerNorm(Pass):
         notes: list[str] = []
         taken: set[int] = set()
         for n in list(g.nodes):
-            if n.op_type not in ("Div", "Mul") or not is_plain(n) or id(n) in taken or len(n.inputs) != 2:
+            if n.op_type not in ("Div", "Mul", "Add") or not is_plain(n) or id(n) in taken or len(n.inputs) != 2:
                 continue
-            m, why = self._match(g, n)
+            m, why = self._match_tf(g, n) if n.op_type == "Add" else self._match(g, n)
             if m is not None:
                 if any(id(c) in taken for c in m.core):
                     continue
@@ -355,36 +377,83 @@ class FuseLayerNorm(Pass):
     def _match_core(self, g: Graph, n: Node, d: _Centered, other: Value,
                     var: tuple[Value, _Reduce, Node, _Centered]) -> tuple[_Match | None, str | None]:
         v, vred, sq, d2 = var
-        x = d.x
-        core: list[Node] = [*d.mean.nodes, d.sub, sq, *vred.nodes, n]
-        if d2.sub is not d.sub:
-            core[:0] = [*d2.mean.nodes, d2.sub]
-        folded_gamma: tuple[np.ndarray, Value] | None = None
+        core: list[Node] = [*d2.mean.nodes, d2.sub, *d.mean.nodes, d.sub, sq, *vred.nodes]
         # the denominator: Sqrt(var + eps) for Div, rsqrt(var + eps) [* gamma] for Mul
         if n.op_type == "Div":
             s = _sqrt_of(other)
             if s is None:
                 return None, self._denominator_reason(other, v, "divisor", "Sqrt(variance + epsilon)")
-            ve, den_nodes = s[0], [s[1]]
+            ve, den_nodes, folded_gamma = s[0], [s[1]], None
         else:
-            r = _rsqrt_of(other)
-            if r is None:
-                p = _producer(other, "Mul")
-                if p is not None and len(p.inputs) == 2:
-                    for gi, ri in ((0, 1), (1, 0)):
-                        gc = const_of(p.inputs[gi])
-                        rr = _rsqrt_of(p.inputs[ri])
-                        if gc is not None and rr is not None:
-                            r, folded_gamma = (rr[0], rr[1] + [p]), (gc, p.inputs[gi])
-                            break
-            if r is None:
+            f = _factor(other)
+            if f is None:
                 return None, self._denominator_reason(other, v, "factor", "1/Sqrt(variance + epsilon)")
-            ve, den_nodes = r
-        core[-1:-1] = den_nodes
+            ve, den_nodes, folded_gamma = f
+        return self._complete(g, d.x, n, core + den_nodes + [n], ve, var, [d.mean, d2.mean, vred],
+                              folded_gamma)
+
+    def _match_tf(self, g: Graph, n: Node) -> tuple[_Match | None, str | None]:
+        """``Add(Mul(x, r), Sub(beta, Mul(mean_of(x), r)))`` or ``Add(Mul(x, r), Neg(Mul(mean_of(x),
+        r)))`` (either operand order) with ``r = [gamma *] rsqrt(var + eps)``: TensorFlow's
+        ``tf.nn.batch_normalization`` after ``tf.nn.moments``, as tf2onnx writes it."""
+        first_reason: str | None = None
+        for ai, ti in ((0, 1), (1, 0)):
+            a = _producer(n.inputs[ai], "Mul")
+            t = _producer(n.inputs[ti], "Sub", "Neg")
+            if a is None or t is None or len(a.inputs) != 2:
+                continue
+            beta: tuple[np.ndarray, Value] | None = None
+            if t.op_type == "Sub":
+                if len(t.inputs) != 2:
+                    continue
+                bc = const_of(t.inputs[0])
+                if bc is None:
+                    continue
+                beta, b_in = (bc, t.inputs[0]), t.inputs[1]
+            else:
+                b_in = _input(t, 0)
+            b = _producer(b_in, "Mul")
+            if b is None or len(b.inputs) != 2:
+                continue
+            for xi in (0, 1):
+                x, r = a.inputs[xi], a.inputs[1 - xi]
+                if r is None or x is r or not any(i is r for i in b.inputs):
+                    continue
+                mean_v = b.inputs[1] if b.inputs[0] is r else b.inputs[0]
+                mred = _mean_of(mean_v)
+                if mred is None or mred.src is not x:
+                    continue
+                var = _find_variance(r, x)
+                if var is None:
+                    continue
+                v, vred, sq, d2 = var
+                f = _factor(r)
+                if f is None:
+                    first_reason = first_reason or self._denominator_reason(
+                        r, v, "factor", "1/Sqrt(variance + epsilon)")
+                    continue
+                ve, den_nodes, folded_gamma = f
+                core = [*d2.mean.nodes, d2.sub, *mred.nodes, sq, *vred.nodes, *den_nodes, a, b, t, n]
+                m, why = self._complete(g, x, n, core, ve, var, [mred, d2.mean, vred], folded_gamma,
+                                        beta=beta, extend=False)
+                if m is not None:
+                    return m, None
+                first_reason = first_reason or why
+        return None, first_reason
+
+    def _complete(self, g: Graph, x: Value, final: Node, core: list[Node], ve: Value,
+                  var: tuple[Value, _Reduce, Node, _Centered], reds: list[_Reduce],
+                  folded_gamma: tuple[np.ndarray, Value] | None, *,
+                  beta: tuple[np.ndarray, Value] | None = None,
+                  extend: bool = True) -> tuple[_Match | None, str | None]:
+        """Check what every form has in common (``ve`` = what the square root is taken of,
+        ``reds``: every reduction of the chain) and build the match."""
+        v = var[0]
+        core = list({id(c): c for c in core}.values())  # a mean shared by two Subs is listed once
         eps = 0.0
         if ve is not v:
             a = _producer(ve, "Add")
-            if a is None or len(a.inputs) != 2 or v not in a.inputs:
+            if a is None or len(a.inputs) != 2 or not any(i is v for i in a.inputs):
                 return None, "the square root is not taken of the variance plus a constant epsilon"
             e = a.inputs[1] if a.inputs[0] is v else a.inputs[0]
             ec = const_of(e)
@@ -393,12 +462,11 @@ class FuseLayerNorm(Pass):
             if x.dtype is not None and ec.dtype != x.dtype:
                 return None, f"epsilon is {ec.dtype}, the input is {x.dtype}"
             eps = float(np.asarray(ec).reshape(-1)[0])
-            core.insert(core.index(den_nodes[0]), a)
+            core.append(a)
         # types and axes
         if x.dtype not in _FLOATS:
             return None, f"input '{x.name}' has dtype {x.dtype} (float32 / float16 only)"
         rank = len(x.shape) if x.shape is not None else None
-        reds = [d.mean, d2.mean, vred]
         if not all(rd.keepdims for rd in reds):
             return None, "a reduction has keepdims=0"
         if rank is None:
@@ -412,9 +480,9 @@ class FuseLayerNorm(Pass):
                 return None, f"reduction axes are out of range for a rank-{rank} input"
             trailing = list(range(rank - len(axes[0]), rank))
         where = f"a rank-{rank} input" if rank is not None else f"input '{x.name}' (rank unknown)"
-        if axes[0] != axes[2] or axes[1] != axes[0]:
-            return None, (f"mean and variance reduce over different axes ({axes[0]} vs {axes[2]}"
-                          + (f", {axes[1]}" if axes[1] != axes[0] else "") + f") of {where}")
+        if any(a != axes[0] for a in axes):
+            other = next(a for a in axes if a != axes[0])
+            return None, f"mean and variance reduce over different axes ({axes[0]} vs {other}) of {where}"
         k = len(axes[0])
         if axes[0] != trailing:
             return None, (f"reduction axes {axes[0]} of {where} are not the trailing axes "
@@ -428,19 +496,25 @@ class FuseLayerNorm(Pass):
             for o in nd.outputs:
                 if o.dtype is not None and o.dtype != x.dtype:
                     return None, f"'{o.name}' ({nd.op_type}) has dtype {o.dtype}, the input {x.dtype}"
-        m = _Match(x=x, k=k, eps=eps, core=core, final=n, rank=rank, norm_shape=norm_shape)
-        if folded_gamma is not None:
+        m = _Match(x=x, k=k, eps=eps, core=core, final=final, rank=rank, norm_shape=norm_shape)
+        for what, pv in (("scale", folded_gamma), ("offset", beta)):
+            if pv is None:
+                continue
             if m.norm_shape is None:
-                m.norm_shape = _shape_from_param(folded_gamma[0], k)
-            gp = _param(folded_gamma[0], rank, k, m.norm_shape, x.dtype) if m.norm_shape else None
-            if gp is None:
-                return None, (f"the folded scale '{folded_gamma[1].name}' does not broadcast over the "
+                m.norm_shape = _shape_from_param(pv[0], k)
+            p = _param(pv[0], rank, k, m.norm_shape, x.dtype) if m.norm_shape else None
+            if p is None:
+                return None, (f"the folded {what} '{pv[1].name}' does not broadcast over the "
                               f"normalised dims only (or has another dtype)")
-            m.gamma, m.gamma_value = gp, folded_gamma[1]
-        why = self._private(g, core, n)
+            if what == "scale":
+                m.gamma, m.gamma_value = p, pv[1]
+            else:
+                m.beta, m.beta_value = p, pv[1]
+        why = self._private(g, core, final)
         if why:
             return None, why
-        self._extend(g, m)
+        if extend:
+            self._extend(g, m)
         if m.norm_shape is None:
             return None, (f"the normalised dims of '{x.name}' are not static (and no gamma / beta "
                           f"constant gives them)")

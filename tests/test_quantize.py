@@ -532,3 +532,56 @@ def test_already_quantized_model_is_refused_unless_requantize(small_onnx, tmp_pa
     out = tmp_path / "qq.onnx"
     assert main(["compile", str(qpath), "-p", "quantize", "--calib-data", str(tmp_path / "c.npz"), "-o", str(out)]) == 2
     assert not out.exists()
+
+
+class _HandLNNet(torch.nn.Module):
+    """Linear -> a layer norm written out (as tf2onnx / jax2tf export it) -> ReLU -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 10)
+        self.g = torch.nn.Parameter(torch.rand(32) + 0.5)
+        self.b = torch.nn.Parameter(torch.randn(32) * 0.1)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        mu = h.mean(-1, keepdim=True)
+        d = h - mu
+        h = d * torch.rsqrt((d * d).mean(-1, keepdim=True) + 1e-5) * self.g + self.b
+        return self.fc2(torch.relu(h))
+
+
+def test_default_keeps_a_hand_written_layer_norm_in_float(tmp_path):
+    path = tmp_path / "handln.onnx"
+    torch.onnx.export(_HandLNNet().eval(), (torch.randn(2, 16),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, opset_version=13, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    test = {"x": rng.standard_normal((256, 16)).astype(np.float32)}
+    ref = run(session(str(path)), test)["y"]
+
+    def quantized(spec):
+        g = from_onnx(path)
+        res = PassManager(parse_pipeline(spec)).run(g, PassContext(calib_data=calib))
+        return g, res, run(session(g), test)["y"]
+
+    g, res, got = quantized("quantize")
+    ln_nodes = {n.name for n in from_onnx(path).nodes if n.op_type in ("Mul", "Add", "Sub")
+                and not any(v is not None and v.is_const and v.const.ndim == 2 for v in n.inputs)}
+    q_reads = {u.name for n in g.nodes if n.op_type == "DequantizeLinear" for u, _ in n.outputs[0].uses}
+    fragile = set(res.report["passes"][-1]["artifacts"]["fragile_float"])
+    assert fragile and fragile <= ln_nodes
+    assert not (fragile & q_reads)                                   # no Q/DQ inside the chain
+    assert sum(n.op_type in ("Gemm", "MatMul") and n.name in q_reads for n in g.nodes) == 2   # both linears int8
+    assert any("keep_fragile_float" in s for s in res.report["passes"][-1]["notes"])
+    agree = float((ref.argmax(1) == got.argmax(1)).mean())
+    assert agree >= 0.97
+    # with the rule off the chain is quantized too (more Q/DQ, and it is what the rule protects)
+    g_off, _, got_off = quantized("quantize{keep_fragile_float=false}")
+    assert sum(n.op_type == "QuantizeLinear" for n in g_off.nodes) > sum(n.op_type == "QuantizeLinear" for n in g.nodes)
+    assert max_rel_err(ref, got) <= max_rel_err(ref, got_off)
+    # fuse-layernorm first: one float LayerNormalization between two int8 linears
+    g_f, _, got_f = quantized("fuse-layernorm,quantize")
+    assert sum(n.op_type == "LayerNormalization" for n in g_f.nodes) == 1
+    assert float((ref.argmax(1) == got_f.argmax(1)).mean()) >= 0.97

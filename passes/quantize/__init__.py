@@ -29,7 +29,7 @@ from ...ir.graph import Graph
 from ..base import Pass, PassContext, PassResult, register
 from .dynamic import run_dynamic
 from .integer_path import report_integer
-from .placement import QuantPlan
+from .placement import QuantPlan, fragile
 from .state import QuantRun
 from .static import ActQuant, run_static
 from .table import OpQuant, spec_for
@@ -102,6 +102,17 @@ class Quantize(Pass):
     folded first (``fold_bn``). The note ``integer path`` reports which layers ORT actually
     runs in integer kernels and their share of the FLOPs.
 
+    * numerically fragile chains stay float by default (``keep_fragile_float``): an Add / Mul /
+      Concat / pooling / Sigmoid node, or a MatMul of two activations (attention scores),
+      that reads a Softmax / Exp / Log / Div / Reciprocal / Sqrt / Pow / Erf / Tanh / Sub /
+      Reduce* output or only feeds such ops -- hand-written layer norms, softmax and GELU
+      chains (run ``fuse-layernorm`` / ``fuse-gelu`` first to make them single float ops).
+      Compute ops with a constant weight are always candidates; ``ops=[...]`` given by hand
+      turns the rule off;
+    * an already-quantized model (QuantizeLinear / DequantizeLinear, QLinear*, *Integer,
+      com.microsoft quantized ops) is refused (``AlreadyQuantizedError``) unless
+      ``requantize=true``, which leaves what already reads or feeds Q/DQ alone.
+
     Preconditions: static mode needs calibration data (``--calib-data`` / ``ctx.calib_data``);
     only float32 tensors and default-domain ops without subgraphs are quantized; graph
     outputs stay float; only op types in ``ops`` (default: all the table knows) are
@@ -136,6 +147,7 @@ class Quantize(Pass):
         check_integer: bool = True
         progress: Optional[bool] = None   # tqdm bar while calibrating; default: when stderr is a terminal
         requantize: bool = False          # quantize a model that already holds quantized ops
+        keep_fragile_float: bool = True   # default placement: normalization / softmax / GELU chains stay float
 
     def __init__(self, *, metric: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float] | None = None,
                  act_overrides: Mapping[str, tuple[float, int]] | None = None,
@@ -214,6 +226,12 @@ class Quantize(Pass):
                     f"quantize{{requantize=true}} to quantize only what is still float")
             ctx.note(f"requantize: the model already holds {summary}; those are left as they are")
         state = QuantRun(ctx)
+        if o.mode == "static" and o.keep_fragile_float and not o.ops:
+            kept = [n.name for n in graph.nodes if (sp := spec_for(n)) is not None and fragile(n, sp)]
+            if kept:
+                state.artifacts["fragile_float"] = kept
+                ctx.note(f"kept {len(kept)} node(s) of normalization / softmax / GELU chains in float "
+                         f"(keep_fragile_float): {', '.join(kept[:10])}{' ...' if len(kept) > 10 else ''}")
         if o.mode == "weight-only":
             n = run_weight_only(self, graph, state)
         elif o.mode == "dynamic":

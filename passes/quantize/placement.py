@@ -62,14 +62,50 @@ def candidates(graph: Graph, options: Any) -> list[Node]:
     """Nodes the table knows and ``exclude`` does not name (``options``: the pass's options)."""
     ops = options.ops or (DYNAMIC_DEFAULT_OPS if options.mode == "dynamic" else ())
     out = []
+    guard = not options.ops and getattr(options, "keep_fragile_float", False)
     for n in graph.nodes:
         spec = spec_for(n)
         if spec is None or matches(n, options.exclude) or (ops and n.op_type not in ops):
             continue
         if _touches_quantized(n):  # requantize: what already reads / feeds Q-DQ stays as it is
             continue
+        if guard and fragile(n, spec):
+            continue
         out.append(n)
     return out
+
+
+#: ops whose chains int8 rounding breaks (normalizations, softmax, GELU): they run in float, and
+#: so do the elementwise ops and activation x activation MatMuls that read them or only feed them
+FRAGILE_OPS = frozenset({"Softmax", "LogSoftmax", "Exp", "Log", "Div", "Reciprocal", "Sqrt", "Pow", "Erf", "Tanh",
+                         "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "Sub"})
+
+
+def fragile(n: Node, spec: OpQuant) -> bool:
+    """Whether ``n`` belongs to a numerically fragile chain (default placement keeps it float):
+    an elementwise op, or a MatMul of two activations (attention scores), that reads the output
+    of a fragile op or whose outputs only feed fragile ops (Div / Sub by a constant are not). Compute ops with a constant weight
+    (Conv, Gemm, MatMul x W) are never fragile."""
+    if spec.kind == "compute":
+        w = n.inputs[spec.weight] if spec.weight is not None and len(n.inputs) > spec.weight else None
+        if w is not None and w.is_const:
+            return False
+    elif spec.kind != "elementwise":
+        return False
+    reads = any(v is not None and v.producer is not None and _is_fragile_op(v.producer) for v in n.inputs)
+    users = [u for o in n.outputs for u, _ in o.uses]
+    feeds_only = bool(users) and all(_is_fragile_op(u) for u in users)
+    return reads or feeds_only
+
+
+def _is_fragile_op(n: Node) -> bool:
+    """A fragile op; Div / Sub by a constant (hardswish's ``/ 6``, ``x - 0.5``) is only a scale
+    or shift, not fragile."""
+    if n.op_type not in FRAGILE_OPS:
+        return False
+    if n.op_type in ("Div", "Sub") and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_const:
+        return False
+    return True
 
 
 def _touches_quantized(n: Node) -> bool:
