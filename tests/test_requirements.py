@@ -141,6 +141,7 @@ def test_holds(small_onnx):
 
 # every built-in pass, with what it needs to run on SmallNet
 STATELESS = ["dce", "fold-constants", "fold-bn", "eliminate-identity", "canonicalize", "raise-opset{opset=17}",
+             "fuse-layernorm", "fuse-gelu",
              "equalize", "bias-correction", "prune-channels{ratio=0.25}", "prune-weights{sparsity=0.5}",
              "quantize{calibration=kl}", "quantize{mode=dynamic}", "quantize{budget=0.001}"]
 
