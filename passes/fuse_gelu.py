@@ -97,11 +97,16 @@ class FuseGelu(Pass):
     name = "fuse-gelu"
     exact = True
     requires = frozenset({"shapes"})
+    guarantees = frozenset({"gelu-fused"})
 
     @dataclass
     class Options:
         raise_opset: bool = True
         tanh: bool = True
+
+    def pending(self, graph: Graph) -> int:
+        """How many GELU chains this pass would fuse in ``graph`` (nothing is changed)."""
+        return len(self._find(graph))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         matches = self._find(graph)

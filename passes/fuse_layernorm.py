@@ -300,10 +300,16 @@ class FuseLayerNorm(Pass):
     name = "fuse-layernorm"
     exact = True
     requires = frozenset({"shapes"})
+    guarantees = frozenset({"layernorm-fused"})
 
     @dataclass
     class Options:
         raise_opset: bool = True
+
+    def pending(self, graph: Graph) -> int:
+        """How many layer-norm chains this pass would fuse in ``graph`` (nothing is changed)."""
+        infer_shapes(graph)
+        return len(self._find(graph)[0])
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         infer_shapes(graph)

@@ -15,6 +15,10 @@ requirement    holds when                                   met by
 ``opset>=N``   the default-domain opset is at least N       ``raise-opset{opset=N}`` when
                                                             ``ctx.allow_opset_raise``, else
                                                             :class:`RequirementError`
+``layernorm-   no hand-written layer-norm chain that        ``fuse-layernorm`` (a chain it cannot fuse,
+fused``        ``fuse-layernorm`` would fuse                 e.g. when the opset may not be raised,
+                                                            stays, with its note saying why)
+``gelu-fused`` no GELU chain that ``fuse-gelu`` would fuse  ``fuse-gelu`` (likewise)
 =============  ===========================================  ==========================================
 
 No pass runs another pass inside itself: this module (called by the PassManager, or by
@@ -39,7 +43,12 @@ KNOWN = {
     "bn-folded": "BatchNormalization folded into the layer before it (fold-bn runs first)",
     "calib-data": "calibration data given (--calib-data / ctx.calib_data)",
     "opset>=N": "default-domain opset at least N (raise-opset runs first when allowed)",
+    "layernorm-fused": "hand-written layer norms fused into LayerNormalization (fuse-layernorm runs first)",
+    "gelu-fused": "GELU chains fused into Gelu (fuse-gelu runs first)",
 }
+
+#: requirements met by a fusion pass: requirement -> pass name
+_FUSIONS = {"layernorm-fused": "fuse-layernorm", "gelu-fused": "fuse-gelu"}
 
 _FOLDABLE_INTO = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -87,6 +96,8 @@ def holds(req: str, graph: Graph, ctx: PassContext) -> bool:
         return bool(ctx.calib_data)
     if kind == "opset":
         return graph.opset >= arg
+    if kind in _FUSIONS:
+        return get_pass(_FUSIONS[kind])().pending(graph) == 0
     raise AssertionError(kind)  # pragma: no cover - parse_requirement knows the kinds
 
 
@@ -97,6 +108,8 @@ def enabler(req: str, for_pass: str, ctx: PassContext, hint: str = "") -> Pass |
     hint = f"; {hint}" if hint else ""
     if kind == "bn-folded":
         return get_pass("fold-bn")()
+    if kind in _FUSIONS:
+        return get_pass(_FUSIONS[kind])()
     if kind == "opset":
         if not ctx.allow_opset_raise:
             raise RequirementError(f"pass '{for_pass}' needs opset >= {arg}; raising the opset is not allowed "
@@ -118,7 +131,8 @@ def satisfy(p: Pass, graph: Graph, ctx: PassContext, run: Runner | None = None) 
     entries) or, by default, directly. Returns what was inserted."""
     check_known(p)
     inserted: list[InsertedPass] = []
-    order = {"calib-data": 0, "opset": 1, "bn-folded": 2, "shapes": 3}
+    # fusions first: their opset raise (17 / 20) then covers opset>=N without a second conversion
+    order = {"calib-data": 0, "layernorm-fused": 1, "gelu-fused": 2, "opset": 3, "bn-folded": 4, "shapes": 5}
     reqs = sorted(p.requirements(), key=lambda r: (order[parse_requirement(r)[0]], r))
     for req in reqs:
         if holds(req, graph, ctx):

@@ -33,7 +33,8 @@ def test_manager_inserts_fold_bn_for_quantize_and_reports_it(small_onnx):
     assert fb["inserted"] is True and fb["requirement"] == "bn-folded" and fb["inserted_for"] == "quantize"
     assert fb["drift_vs_previous"]["max_rel"] <= 1e-5          # the inserted pass is checked like any other
     assert "inserted" not in res.report["passes"][1]
-    assert set(res.report["passes"][1]["requires"]) == {"bn-folded", "calib-data", "opset>=13", "shapes"}
+    assert set(res.report["passes"][1]["requires"]) == {"bn-folded", "calib-data", "opset>=13", "shapes",
+                                                        "layernorm-fused", "gelu-fused"}
     assert _bn_count(g) == 0
 
 

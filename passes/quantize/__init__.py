@@ -10,7 +10,7 @@ The pass, split by concern:
 ``static``          calibration and the QDQ rewrite (int32 bias, absorbed activations)
 ``dynamic``         DynamicQuantizeLinear + MatMulInteger / ConvInteger
 ``weight_only``     int8 / INT4 weights only
-``budget``          the accuracy-budget search (sensitivity ranking, exponential + binary search)
+``budget``          the accuracy-budget search (sensitivity per FLOP, bisection, add-back)
 ``integer_path``    the ``integer path`` note (``nnsculpt.runtime.integer_path`` runs the check)
 ``state``           :class:`QuantRun`: everything one run finds (the pass object keeps none)
 ==================  ==========================================================================
@@ -90,23 +90,29 @@ class Quantize(Pass):
     * ``mode=weight-only``: only weights are quantized (int8 per channel; ``weights=int4``:
       real INT4 with ``block_size`` blocks along the reduction axis, opset 21; ORT fuses
       ``DQ -> MatMul`` into MatMulNBits);
-    * ``budget``: the largest allowed max relative output error vs fp32 on the calibration
-      data (or a ``metric(ref, got)`` callback in Python). If the fully quantized model
-      exceeds it, every quantized layer is ranked by sensitivity (``sensitivity`` =
-      one-at-a-time: output MSE with only that layer quantized; or leave-one-out) and the
-      most sensitive ones stay float -- the smallest such prefix, found by exponential then
-      binary search -- until the budget holds (mixed precision); the pass notes which.
+    * ``budget``: the largest allowed error of the quantized model vs fp32 on the calibration
+      data, by ``metric`` (``rel_l2`` -- relative L2, the default; ``max_rel``; ``cosine`` =
+      1 - cosine; ``top1`` = 1 - top-1 agreement; ``iou@0.3`` = 1 - IoU of the maps above
+      0.3; or a ``metric(ref, got)`` callable in Python). If the fully quantized model
+      exceeds it, the search (``passes/quantize/budget.py``) ranks layers by sensitivity per
+      FLOP, bisects that order for the longest prefix within the budget and tries the
+      largest remaining layers one at a time (``budget_tries``): the most FLOPs in integer
+      kernels within the budget (mixed precision). report.json holds the chosen and float
+      layers, the sensitivities and the curve of error vs integer-FLOPs share.
 
     The default opset is raised with ``onnx.version_converter`` when needed (per-channel
     QDQ needs 13, INT4 21); node names and provenance are kept. BatchNormalization is
-    folded first (``fold_bn``). The note ``integer path`` reports which layers ORT actually
+    folded first (``fold_bn``), and hand-written layer norms and GELU chains are fused into
+    ``LayerNormalization`` / ``Gelu`` first (``fuse``; exact passes, run as report entries of
+    their own only when they find a chain; they raise the opset to 17 / 20), so that they run
+    as single float ops. The note ``integer path`` reports which layers ORT actually
     runs in integer kernels and their share of the FLOPs.
 
     * numerically fragile chains stay float by default (``keep_fragile_float``): an Add / Mul /
       Concat / pooling / Sigmoid node, or a MatMul of two activations (attention scores),
       that reads a Softmax / Exp / Log / Div / Reciprocal / Sqrt / Pow / Erf / Tanh / Sub /
       Reduce* output or only feeds such ops -- hand-written layer norms, softmax and GELU
-      chains (run ``fuse-layernorm`` / ``fuse-gelu`` first to make them single float ops).
+      chains that ``fuse`` could not turn into single ops (softmax, unusual norms).
       Compute ops with a constant weight are always candidates; ``ops=[...]`` given by hand
       turns the rule off;
     * an already-quantized model (QuantizeLinear / DequantizeLinear, QLinear*, *Integer,
@@ -142,21 +148,27 @@ class Quantize(Pass):
         num_bins: int = 2048
         calib_batch_size: int = 16
         budget_samples: int = 256
+        metric: str = "rel_l2"            # the budget's error: rel_l2 | max_rel | cosine | top1 | iou@T
+        budget_tries: int = 16            # budget search: layers tried one at a time after the bisection
         sensitivity: Literal["one-at-a-time", "leave-one-out"] = "one-at-a-time"
         fold_bn: bool = True
         check_integer: bool = True
         progress: Optional[bool] = None   # tqdm bar while calibrating; default: when stderr is a terminal
         requantize: bool = False          # quantize a model that already holds quantized ops
         keep_fragile_float: bool = True   # default placement: normalization / softmax / GELU chains stay float
+        fuse: bool = True                 # fuse-layernorm and fuse-gelu run first (when they find a chain)
 
     def __init__(self, *, metric: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float] | None = None,
                  act_overrides: Mapping[str, tuple[float, int]] | None = None,
                  weight_scales: Mapping[str, np.ndarray] | None = None, **options: Any):
-        """``metric(ref, got) -> error`` replaces the budget metric (lower is better);
+        """``metric``: a metric name (the ``metric`` option) or a callable ``metric(ref, got) -> error``
+        (lower is better) that replaces it;
         ``act_overrides`` maps tensor names to ``(scale, zero_point)`` and ``weight_scales``
         maps node names to weight scales (QAT export); both skip calibration for them.
         These and the options are the pass's whole state: a run records what it finds in a
         :class:`QuantRun` and returns it in its :class:`PassResult`."""
+        if isinstance(metric, str):
+            options["metric"], metric = metric, None
         super().__init__(**options)
         self.metric = metric
         self.act_overrides = dict(act_overrides or {})
@@ -178,6 +190,14 @@ class Quantize(Pass):
             raise PassOptionError(f"pass 'quantize': option 'calib_batch_size' must be >= 1, got {o.calib_batch_size}")
         if o.budget is not None and o.budget < 0:
             raise PassOptionError(f"pass 'quantize': option 'budget' must be >= 0, got {o.budget}")
+        from ...runtime.metrics import check_metric_name
+
+        try:
+            check_metric_name(o.metric)
+        except ValueError as e:
+            raise PassOptionError(f"pass 'quantize': option 'metric': {e}") from None
+        if o.budget_tries < 0:
+            raise PassOptionError(f"pass 'quantize': option 'budget_tries' must be >= 0, got {o.budget_tries}")
 
     @property
     def act_dtype(self) -> np.dtype:
@@ -201,6 +221,8 @@ class Quantize(Pass):
         need = {"shapes", f"opset>={self.min_opset}"}
         if o.fold_bn:
             need.add("bn-folded")
+        if o.fuse:
+            need.update({"layernorm-fused", "gelu-fused"})
         if o.mode == "static" and not self.act_overrides:
             need.add("calib-data")
         return frozenset(need)
