@@ -19,7 +19,9 @@ class BiasCorrection(Pass):
     Rewrite rules: for every Conv (any ``group``) / Gemm with a constant float weight ``W``,
     let ``W_q`` be the weight exactly as ``quantize`` will store it (symmetric, per channel
     unless ``per_channel=false``, ``weights`` = int8 | int4) and ``E[x]`` the per-channel
-    mean of its input over ``ctx.calib_data`` (run by ONNX Runtime on the float model). The
+    mean of its input over ``ctx.calib_data`` (dense, or ragged -- a list of arrays per input
+    whose elements may differ in spatial size: every value counts once; run by ONNX Runtime on
+    the float model). The
     quantized layer's output is shifted in expectation by ``eps = (W_q - W) E[x]`` per
     output channel (Conv: summed over input channels of the group and the kernel window,
     i.e. away from the padded border; Gemm: times ``alpha``). The bias becomes ``b - eps``

@@ -8,7 +8,11 @@ params / FLOPs / MACs / bytes before and after. Optionally it
   (``check_numerics=True``; ``sample_inputs``, else the first ``check_samples`` calibration
   samples, else generated inputs): an *exact* pass whose outputs move by more than
   ``tolerance`` (relative to the largest reference magnitude) raises :class:`NumericsError`
-  (with ``enforce_exact``); a lossy pass has its drift recorded,
+  (with ``enforce_exact``); a lossy pass has its drift recorded. The samples may be ragged
+  (per input a list of arrays whose shapes differ, :mod:`nnsculpt.runtime.ort`): the first
+  ``check_samples`` are taken across the elements (``take_samples``), outputs are compared
+  over all elements (:func:`~nnsculpt.runtime.ort.compare_outputs`), and
+  ``report["numerics"]["inputs"]`` lists each element's shape,
 * dumps the IR text after every pass (``dump_dir``) and/or streams it (``print_ir``).
 
 Before each pass its declared requirements are met (:mod:`nnsculpt.passes.requirements`):
@@ -83,7 +87,7 @@ class PassManager:
     """Run ``passes`` in order on a graph (in place) and collect a report."""
 
     def __init__(self, passes: list[Pass], *, verify: bool = True, check_numerics: bool = False,
-                 sample_inputs: dict[str, np.ndarray] | None = None, tolerance: float = 1e-5,
+                 sample_inputs: dict[str, Any] | None = None, tolerance: float = 1e-5,
                  dump_dir: str | Path | None = None, print_ir: TextIO | Callable[[str], Any] | None = None,
                  stats: bool = True, min_top1: float = 0.98, min_cosine: float = 0.99,
                  max_rel_drift: float | None = None, fail_on_drift: bool = False, enforce_exact: bool = True,
@@ -152,11 +156,11 @@ class PassManager:
         state: dict[str, Any] = {"ref": None, "prev": None, "inputs": None, "stats": before, "index": 0,
                                  "warnings": [], "results": []}
         if self.check_numerics:
-            from ..runtime.ort import make_inputs
+            from ..runtime.ort import make_inputs, take_samples
 
             inputs = self.sample_inputs
             if inputs is None and ctx.calib_data is not None:
-                inputs = {k: v[: self.check_samples] for k, v in ctx.calib_data.items()}
+                inputs = take_samples(ctx.calib_data, self.check_samples)
             if inputs is None:
                 inputs = make_inputs(graph, batch=2, seed=ctx.seed)
             state["inputs"] = inputs
@@ -197,7 +201,9 @@ class PassManager:
                 k: {"before": before[k], "after": a[k], "ratio": (a[k] / before[k]) if before[k] else None}
                 for k in ("nodes", "params", "flops", "macs", "weight_bytes", "model_bytes")}
         if self.check_numerics:
-            report["numerics"] = {"inputs": {k: list(v.shape) for k, v in state["inputs"].items()},
+            from ..runtime.ort import shapes_of
+
+            report["numerics"] = {"inputs": shapes_of(state["inputs"]),
                                   **_max_rel(state["ref"], state["prev"])}
         report["warnings"] = state["warnings"]
         return RunResult(graph, report, ctx, state["results"])

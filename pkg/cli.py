@@ -3,14 +3,17 @@
 Commands::
 
     nnsculpt inspect MODEL                       ops, params, FLOPs, bytes, I/O, per-layer table
-    nnsculpt compile MODEL -p PIPELINE -o OUT.onnx [--calib-data X.npz] [--report DIR]
+    nnsculpt compile MODEL -p PIPELINE -o OUT.onnx [--calib-data X.npz|DIR] [--report DIR]
                                  [--print-ir-after-all] [--verify]
-    nnsculpt compare A B [--inputs X.npz]        max abs / rel error, cosine, top-1 agreement
-    nnsculpt bench MODEL [MODEL ...] [--inputs X.npz]   ORT latency (median of runs), size
+    nnsculpt compare A B [--inputs X.npz|DIR]    max abs / rel error, cosine, top-1 agreement
+    nnsculpt bench MODEL [MODEL ...] [--inputs X.npz|DIR]   ORT latency (median of runs), size
     nnsculpt distill STUDENT --teacher T --data train.npz [--val val.npz] --epochs N -o OUT.onnx
     nnsculpt passes                              registered passes, options, summaries
 
 MODEL is an ``.onnx`` path or ``zoo:NAME`` (``nnsculpt inspect zoo:list`` lists the zoo).
+``--calib-data`` / ``--inputs`` take an ``.npz`` file or a directory of them (one batch per
+file, in sorted name order; shapes may differ between files -- text lines of different widths;
+``labels`` arrays are concatenated), see :func:`nnsculpt.runtime.ort.load_inputs`.
 Errors print one line ``nnsculpt: error: <ErrorName>: <message>`` and exit with status 2;
 no output file is created on error.
 """
@@ -50,6 +53,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _inputs_for(graph, path: str | None, seed: int, batch: int):
+    """Inputs from ``path`` (an .npz: dense; a directory of .npz: ragged) or generated."""
     from .runtime.ort import load_inputs, make_inputs
 
     if path:
@@ -119,9 +123,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     calib = load_inputs(args.calib_data, g) if args.calib_data else None
     labels = None
     if args.calib_data:  # labels (if any) feed data-driven criteria such as Taylor importance
-        from .runtime.ort import read_npz
+        from .runtime.ort import load_labels
 
-        labels = read_npz(args.calib_data).get("labels")
+        labels = load_labels(args.calib_data)
     ctx = PassContext(calib_data=calib, seed=args.seed, labels=labels)
     dump_dir = Path(args.report) / "ir" if (args.report and args.print_ir_after_all) else None
     # numerics are always checked when a lossy pass runs (never a silently broken model)
@@ -162,7 +166,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .runtime.loading import load_graph
-    from .runtime.ort import compare_outputs, run, session
+    from .runtime.ort import compare_outputs, is_ragged, num_samples, run, session
 
     ga, gb = load_graph(args.a), load_graph(args.b)
     inputs = _inputs_for(ga, args.inputs, args.seed, args.batch)
@@ -183,17 +187,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      f"{e['top1_agreement']:.4f}" if "top1_agreement" in e else "-"])
     labels = None
     if args.inputs:
-        from .runtime.ort import read_npz
+        from .runtime.ort import load_labels
 
-        labels = read_npz(args.inputs).get("labels")
-    n = len(next(iter(inputs.values()))) if inputs else 0
+        labels = load_labels(args.inputs)
+    ragged = is_ragged(inputs)
+    n = num_samples(inputs) if ragged else (len(next(iter(inputs.values()))) if inputs else 0)
     if labels is not None and len(labels) == n:
         first = next(iter(ra))
-        if ra[first].ndim == 2 and ra[first].shape[1] > 1:
-            acc_a = float((ra[first].argmax(1) == labels).mean())
-            acc_b = float((rb[first].argmax(1) == labels).mean())
+        ya, yb = ra[first], rb[first]
+        if ragged and all(np.ndim(y) == 2 for y in ya) and len({np.shape(y)[1] for y in ya}) == 1:
+            ya, yb = np.concatenate(ya), np.concatenate(yb)
+        if np.ndim(ya) == 2 and ya.shape[1] > 1:
+            acc_a = float((ya.argmax(1) == labels).mean())
+            acc_b = float((yb.argmax(1) == labels).mean())
             print(f"top-1 vs labels: A {acc_a:.4f}  B {acc_b:.4f}  (B - A = {100 * (acc_b - acc_a):+.2f} points)")
-    print(f"compared on {n} samples ({'from ' + args.inputs if args.inputs else f'random, seed {args.seed}'})")
+    src = f"random, seed {args.seed}"
+    if args.inputs:
+        src = f"from {args.inputs}" + (f", {len(next(iter(inputs.values())))} files" if ragged else "")
+    print(f"compared on {n} samples ({src})")
     print(_table(rows, ["output", "max_abs", "max_rel", "cosine", "top1_agree"]))
     return 0
 
@@ -201,7 +212,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .ir.onnx_io import to_onnx_model
     from .runtime.loading import load_graph
-    from .runtime.ort import session
+    from .runtime.ort import feed_batches, is_ragged, num_samples, session
 
     rows, base = [], None
     results = []
@@ -211,12 +222,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         size = Path(spec).stat().st_size if not spec.startswith("zoo:") else len(model_bytes)
         inputs = _inputs_for(g, args.inputs, args.seed, args.batch)
         sess = session(model_bytes, threads=args.threads)
+        # a directory of inputs (ragged): one run = every file's batch once, each fed to fit
+        feeds = list(feed_batches(sess, inputs)) if is_ragged(inputs) else [inputs]
         for _ in range(args.warmup):
-            sess.run(None, inputs)
+            for feed in feeds:
+                sess.run(None, feed)
         times = []
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            sess.run(None, inputs)
+            for feed in feeds:
+                sess.run(None, feed)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         p90 = float(np.percentile(times, 90))
@@ -227,8 +242,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        b = len(next(iter(inputs.values()))) if inputs else 0
-        print(f"ONNX Runtime CPU, batch {b}, {args.runs} runs after {args.warmup} warm-up, "
+        if is_ragged(inputs):
+            b = f"{num_samples(inputs)} samples in {len(feeds)} feeds per run (from {args.inputs})"
+        else:
+            b = f"batch {len(next(iter(inputs.values()))) if inputs else 0}"
+        print(f"ONNX Runtime CPU, {b}, {args.runs} runs after {args.warmup} warm-up, "
               f"threads={args.threads or 'default'}")
         print(_table(rows, ["model", "median ms", "p90 ms", "speedup", "bytes"]))
     return 0
@@ -273,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--pipeline", required=True,
                    help="MLIR-style pipeline, e.g. 'fold-bn,dce', or a .toml recipe path")
     s.add_argument("-o", "--output", required=True, help="output .onnx path")
-    s.add_argument("--calib-data", help=".npz of sample inputs (input name -> array with batch dim)")
+    s.add_argument("--calib-data", help=".npz of sample inputs (input name -> array with batch dim), or a "
+                   "directory of such .npz files whose shapes may differ from file to file")
     s.add_argument("--report", metavar="DIR", help="write report.json (and IR dumps) into DIR")
     s.add_argument("--print-ir-after-all", action="store_true",
                    help="print the IR after every pass to stderr (and to DIR/ir/ with --report)")
@@ -296,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="compare the outputs of two models on the same inputs")
     s.add_argument("a")
     s.add_argument("b")
-    s.add_argument("--inputs", help=".npz of inputs (default: random from A's input types)")
+    s.add_argument("--inputs", help=".npz of inputs, or a directory of .npz files whose shapes may differ "
+                   "(default: random from A's input types)")
     s.add_argument("--batch", type=int, default=8, help="batch size of random inputs")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
@@ -304,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="ONNX Runtime latency (median of runs) and size")
     s.add_argument("models", nargs="+", metavar="MODEL")
-    s.add_argument("--inputs", help=".npz of inputs (default: random)")
+    s.add_argument("--inputs", help=".npz of inputs, or a directory of .npz files (default: random)")
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--runs", type=int, default=50)
     s.add_argument("--warmup", type=int, default=5)

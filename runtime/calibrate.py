@@ -5,7 +5,11 @@ Collecting
 :func:`collect_histograms` lowers a graph to ONNX with the requested intermediate values
 exposed as extra graph outputs, runs ONNX Runtime on the calibration inputs *batch by
 batch*, and folds every batch into one :class:`Histogram` per value. Memory does not grow
-with the number of samples: a histogram is ``num_bins`` counters plus a few scalars.
+with the number of samples: a histogram is ``num_bins`` counters plus a few scalars. The data
+may be dense (``dict[str, ndarray]``) or ragged (``dict[str, list[ndarray]]``, elements of
+different shapes -- text lines of different widths; see :mod:`nnsculpt.runtime.ort`): ragged
+data is fed element by element, and since the histograms do not depend on how the values are
+batched, the result equals feeding the same samples one at a time.
 
 :class:`Histogram` uses fixed bins whose width is a power of two (``2**exp``) and whose
 edges are integer multiples of that width. When new data falls outside the covered span,
@@ -567,10 +571,13 @@ def _model_with_outputs(graph, names: Sequence[str]):
     return model
 
 
-def iter_intermediates(graph, names: Sequence[str], data: Mapping[str, np.ndarray], *,
+def iter_intermediates(graph, names: Sequence[str], data: Mapping[str, Any], *,
                        batch_size: int = 16, progress: bool = True, desc: str = "calibrate",
                        threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Run ORT batch by batch and yield ``{name: array}`` of the requested values."""
+    """Run ORT batch by batch and yield ``{name: array}`` of the requested values.
+
+    ``data``: dense or ragged inputs (:func:`nnsculpt.runtime.ort.feed_batches`: ragged data
+    element by element, each chunked into ``batch_size`` rows or the model's fixed batch)."""
     from tqdm.auto import tqdm
 
     from ..ir.errors import InputDataError
@@ -591,10 +598,11 @@ def iter_intermediates(graph, names: Sequence[str], data: Mapping[str, np.ndarra
         yield dict(zip(names, outs))
 
 
-def collect_histograms(graph, names: Sequence[str], data: Mapping[str, np.ndarray], *,
+def collect_histograms(graph, names: Sequence[str], data: Mapping[str, Any], *,
                        num_bins: int = 2048, batch_size: int = 16, progress: bool = True,
                        histograms: dict[str, Histogram] | None = None) -> dict[str, Histogram]:
-    """One merged :class:`Histogram` per value name over all calibration batches.
+    """One merged :class:`Histogram` per value name over all calibration batches (``data``
+    dense or ragged; the counts do not depend on the batching).
 
     ``histograms`` continues existing ones (e.g. to add another shard of data); the
     result of different shards can also be combined afterwards with ``merge``.
@@ -608,9 +616,10 @@ def collect_histograms(graph, names: Sequence[str], data: Mapping[str, np.ndarra
     return hists
 
 
-def collect_channel_means(graph, names: Sequence[str], data: Mapping[str, np.ndarray], *,
+def collect_channel_means(graph, names: Sequence[str], data: Mapping[str, Any], *,
                           axis: int = 1, batch_size: int = 16, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-channel (``axis``) means of each named value over the data (streamed)."""
+    """Per-channel (``axis``) means of each named value over the data (streamed; dense or
+    ragged: every value of every element counts once, whatever the element's spatial size)."""
     sums: dict[str, np.ndarray] = {}
     cnts: dict[str, int] = {}
     for outs in iter_intermediates(graph, names, data, batch_size=batch_size, progress=progress,

@@ -109,7 +109,8 @@ def test_passes_command(capsys):
         assert head in lines, head
         for name, tname, default in cls.option_specs():
             assert f"    {name}: {tname} = {default!r}" in lines, (cls.name, name)
-    assert "    requires: bn-folded, calib-data, opset>=13, shapes (with default options)" in lines
+    assert ("    requires: bn-folded, calib-data, gelu-fused, layernorm-fused, opset>=13, shapes "
+            "(with default options)") in lines
     assert main(["passes", "--docs"]) == 0
     assert "Rewrite rules" in capsys.readouterr().out
 

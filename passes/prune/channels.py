@@ -109,13 +109,15 @@ def recalibrate_batchnorm(graph: Graph, calib: dict[str, np.ndarray], *, max_sam
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
+    from ...runtime.ort import batches, take_samples
+
     names = [v.name for v in graph.inputs]
-    n = min(min(len(calib[k]) for k in names), max_samples)
+    data = take_samples({k: calib[k] for k in names}, max_samples)   # dense arrays or ragged lists
     with torch.no_grad():
-        for s in range(0, n, batch_size):
-            xs = [torch.as_tensor(np.ascontiguousarray(calib[k][s:s + batch_size])) for k in names]
+        for chunk in batches(data, batch_size):
+            xs = [torch.as_tensor(np.ascontiguousarray(chunk[k])) for k in names]
             if xs[0].shape[0] < 2:
-                break
+                continue
             module(*xs)
     module.eval()
     write_back(graph, module)

@@ -23,6 +23,11 @@ mean so that scores of different groups are comparable (global ranking).
   al. 2016: average percentage of zeros, here of ``a <= 0``), both measured on the values the
   group's consumers read, run by ONNX Runtime with those values exposed as extra outputs.
 * ``random`` -- uniform random scores (a baseline), seeded.
+
+The data-driven criteria take ``calib`` dense (``dict[str, ndarray]``) or ragged
+(``dict[str, list[ndarray]]``, elements of different spatial sizes; see
+:mod:`nnsculpt.runtime.ort`); ``max_samples`` counts samples over all elements
+(:func:`~nnsculpt.runtime.ort.take_samples`), and ``labels`` run along the samples in element order.
 """
 
 from __future__ import annotations
@@ -170,15 +175,14 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
     for t in params.values():
         t.grad = None
     names = [v.name for v in graph.inputs]
-    n = min(len(calib[k]) for k in names)
-    n = min(n, max_samples)
-    lab = None if labels is None else torch.as_tensor(np.asarray(labels)[:n]).long()
-    for s in range(0, n, batch_size):
-        xs = [torch.as_tensor(np.ascontiguousarray(calib[k][s:s + batch_size])) for k in names]
+    lab = None if labels is None else np.asarray(labels)
+    for s, chunk in _chunks(calib, names, max_samples, batch_size):
+        xs = [torch.as_tensor(np.ascontiguousarray(chunk[k])) for k in names]
         out = module(*xs)
         y = out[0] if isinstance(out, (tuple, list)) else out
         if y.dim() == 2 and y.is_floating_point() and y.shape[1] > 1:
-            target = lab[s:s + batch_size] if lab is not None else y.detach().argmax(1)
+            target = (torch.as_tensor(lab[s:s + y.shape[0]]).long() if lab is not None
+                      else y.detach().argmax(1))
             loss = F.cross_entropy(y, target, reduction="sum")
         else:
             loss = 0.5 * (y.float() ** 2).mean() * y.shape[0]
@@ -200,12 +204,31 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
     return prods
 
 
+def _chunks(calib, names: list[str], max_samples: int, batch_size: int):
+    """``(offset, {name: rows})`` of the first ``max_samples`` samples in chunks of at most
+    ``batch_size`` rows; ``offset`` is the chunk's first sample (over all elements)."""
+    from ...runtime.ort import is_ragged, iter_elements, num_samples, take_samples
+
+    data = {k: calib[k] for k in names}
+    if not is_ragged(data):  # dense: exactly the slicing it always had
+        n = min(min(len(calib[k]) for k in names), max_samples)
+        for s in range(0, n, batch_size):
+            yield s, {k: calib[k][s:s + batch_size] for k in names}
+        return
+    offset = 0
+    for el in iter_elements(take_samples(data, max_samples)):
+        c = num_samples(el)
+        for s in range(0, c, batch_size):
+            yield offset + s, {k: el[k][s:s + batch_size] for k in names}
+        offset += c
+
+
 def activation(deps: ChannelDeps, groups: list[DepGroup], graph: Graph, calib: dict[str, np.ndarray], *,
                stat: str = "mean", reduction: str = "mean", max_samples: int = 256, batch_size: int = 32):
     """Activation statistics on the values read by the group's consumers (fallback: every
     space of the group), measured with ONNX Runtime."""
     from ...ir.onnx_io import to_onnx_model
-    from ...runtime.ort import feed_batches, session
+    from ...runtime.ort import feed_batches, session, take_samples
 
     # which spaces to measure per group
     consumer_spaces: dict[int, set[int]] = {}
@@ -232,10 +255,9 @@ def activation(deps: ChannelDeps, groups: list[DepGroup], graph: Graph, calib: d
         out_names.append(name)
     sess = session(to_onnx_model(g2, check=False), threads=1)
     names = [i.name for i in sess.get_inputs()]
-    n = min(min(len(calib[k]) for k in names), max_samples)
     acc: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
-    for feed in feed_batches(sess, {k: calib[k][:n] for k in names}, batch_size):
+    for feed in feed_batches(sess, take_samples({k: calib[k] for k in names}, max_samples), batch_size):
         res = sess.run(out_names, feed)
         for name, arr in zip(out_names, res):
             sp = deps.space_of[name]

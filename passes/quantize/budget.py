@@ -48,28 +48,19 @@ def default_metric(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray])
     return metric_error("rel_l2", ref, got)
 
 
-def _samples(data: Mapping[str, Any], n: int) -> dict[str, Any]:
-    from ...runtime import ort
-
-    take = getattr(ort, "take_samples", None)
-    if take is not None:
-        return dict(take(data, n))
-    return {k: v[:n] for k, v in data.items()}
-
-
 def search(graph: Graph, state: QuantRun, cands: list[Node], included: set[str],
            quantized_copy: Callable[[set[str]], Graph], *, options: Any, metric: Metric | None) -> set[str]:
     """The nodes to quantize so that the error stays within ``options.budget``: a subset of
     ``included`` (every candidate). ``quantized_copy(nodes)`` returns a copy of ``graph`` with
     ``nodes`` quantized. Findings go to ``state.artifacts``."""
     from ...runtime.metrics import resolve
-    from ...runtime.ort import run, session
+    from ...runtime.ort import run, session, take_samples
 
     o = options
     ctx = state.ctx
     if not ctx.calib_data:
         raise InputDataError("pass 'quantize': the accuracy budget needs calibration data")
-    data = _samples(ctx.calib_data, o.budget_samples)
+    data = take_samples(ctx.calib_data, o.budget_samples)   # dense arrays or ragged lists
     try:
         metric_name, metric_fn = resolve(metric if metric is not None else o.metric)
     except ValueError as e:
