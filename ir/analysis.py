@@ -8,7 +8,8 @@ Shape inference lowers to ONNX and runs ``onnx.shape_inference`` (with data prop
 types back onto the IR values. Symbolic dims (``"N"``) are counted as 1 in FLOPs: FLOPs are
 per sample when the batch dim is symbolic.
 
-Per-op FLOP rules live in the :data:`FLOP_RULES` table.
+Per-op FLOP rules live in the :data:`FLOP_RULES` table (contrib ops of other domains, such as
+``com.microsoft.DynamicQuantizeLSTM``, in :data:`DOMAIN_FLOP_RULES`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,39 @@ def _zero(n: Node) -> tuple[int, int]:
     return 0, 0
 
 
+def _attr_str(n: Node, key: str, default: str) -> str:
+    v = n.attrs.get(key, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _recurrent(gates: int):
+    """LSTM (4 gates), GRU (3), RNN (1) and ORT's ``com.microsoft.DynamicQuantizeLSTM``: per
+    time step and direction, ``gates x (input*hidden + hidden*hidden)`` MACs (the input and
+    recurrent products; gate nonlinearities are not counted), FLOPs = 2 x MACs."""
+
+    def rule(n: Node) -> tuple[int, int]:
+        x = n.inputs[0] if n.inputs else None
+        dims = static_dims(x.shape) if x is not None else None
+        if dims is None or len(dims) != 3:
+            return 0, 0
+        seq, batch, inp = dims
+        if int(n.attrs.get("layout", 0)):
+            seq, batch = batch, seq
+        hidden = n.attrs.get("hidden_size")
+        if hidden is None:  # R: [dirs, gates*H, H] (ONNX) or [dirs, H, gates*H] (DynamicQuantizeLSTM)
+            r = n.inputs[2] if len(n.inputs) > 2 else None
+            rd = static_dims(r.shape) if r is not None else None
+            if rd is None or len(rd) != 3:
+                return 0, 0
+            hidden = min(rd[1], rd[2])
+        hidden = int(hidden)
+        dirs = 2 if _attr_str(n, "direction", "forward") == "bidirectional" else 1
+        macs = seq * batch * dirs * gates * hidden * (inp + hidden)
+        return macs, 2 * macs
+
+    return rule
+
+
 #: op_type -> rule(node) -> (MACs, FLOPs). Ops not listed count as data movement (0).
 FLOP_RULES: dict[str, Callable[[Node], tuple[int, int]]] = {
     "Conv": _conv, "ConvInteger": _conv, "QLinearConv": _conv,
@@ -180,6 +214,11 @@ FLOP_RULES: dict[str, Callable[[Node], tuple[int, int]]] = {
     "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
     "ReduceMean": _reduce, "ReduceSum": _reduce, "ReduceMax": _reduce,
     "Reshape": _zero, "Flatten": _zero, "Transpose": _zero, "Concat": _zero, "Split": _zero,
+    "LSTM": _recurrent(4), "GRU": _recurrent(3), "RNN": _recurrent(1),
+}
+#: (domain, op_type) -> rule, for ops outside the default domain (ONNX Runtime contrib ops)
+DOMAIN_FLOP_RULES: dict[tuple[str, str], Callable[[Node], tuple[int, int]]] = {
+    ("com.microsoft", "DynamicQuantizeLSTM"): _recurrent(4),
 }
 
 
@@ -219,7 +258,8 @@ def node_costs(g: Graph) -> list[NodeCost]:
         infer_shapes(g)
         out = []
         for n in g.nodes:
-            rule = FLOP_RULES.get(n.op_type) if n.domain in ("", "ai.onnx") else None
+            rule = FLOP_RULES.get(n.op_type) if n.domain in ("", "ai.onnx") else \
+                DOMAIN_FLOP_RULES.get((n.domain, n.op_type))
             macs, flops = rule(n) if rule else (0, 0)
             params = sum(int(v.const.size) for v in n.inputs
                          if v is not None and v.is_const and v.const.dtype.kind == "f")

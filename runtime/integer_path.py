@@ -25,7 +25,7 @@ INTEGER_KERNELS = frozenset({
     "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
     "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
     "QLinearConvTranspose", "QLinearReduceMean", "QLinearWhere", "DynamicQuantizeConv",
-    "QAttention", "QEmbedLayerNormalization", "NhwcQLinearConv",
+    "QAttention", "QEmbedLayerNormalization", "NhwcQLinearConv", "DynamicQuantizeLSTM",
 })
 #: ops that run on 8-bit data unchanged (count as integer when their input is 8-bit)
 INTEGER_PASSTHROUGH = frozenset({"MaxPool", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
@@ -36,7 +36,9 @@ WEIGHT_ONLY_KERNELS = frozenset({"MatMulNBits", "MatMulBnb4"})
 _QUANT_PRODUCERS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
 #: integer kernels whose output is not 8-bit (int32 or float)
 _WIDE_OUTPUT = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-                          "DynamicQuantizeConv", "QAttention", "QEmbedLayerNormalization"})
+                          "DynamicQuantizeConv", "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeLSTM"})
+#: float ops that carry the compute (listed in ``float_compute_nodes`` when not integer)
+_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 _NOT_COMPUTE = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"})
 _TOKEN = re.compile(r"(_token_\d+|_nchwc|_quant|_fused|_nhwc)+$")
 
@@ -49,7 +51,7 @@ class IntegerReport:
     integer_flops: int
     total_flops: int
     integer_nodes: list[str] = field(default_factory=list)       # original names
-    float_compute_nodes: list[str] = field(default_factory=list)  # Conv/Gemm/MatMul left in float
+    float_compute_nodes: list[str] = field(default_factory=list)  # Conv/Gemm/MatMul/LSTM/GRU left in float
     weight_only_nodes: list[str] = field(default_factory=list)
     optimized_ops: dict[str, int] = field(default_factory=dict)  # histogram of the optimized graph
 
@@ -166,7 +168,7 @@ def integer_fraction(model_or_graph, *, reference=None, threads: int = 1,
             integer.add(act)
     int_flops = sum(max(costs[n].flops, 0) for n in integer)
     float_compute = [c.name for c in costs.values()
-                     if c.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and c.name not in integer
+                     if c.op_type in _COMPUTE and c.name not in integer
                      and c.flops > 0]
     return IntegerReport(fraction=(int_flops / total) if total else 0.0, integer_flops=int(int_flops),
                          total_flops=int(total), integer_nodes=sorted(integer),

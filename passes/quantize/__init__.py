@@ -10,6 +10,7 @@ The pass, split by concern:
 ``static``          calibration and the QDQ rewrite (int32 bias, absorbed activations)
 ``dynamic``         DynamicQuantizeLinear + MatMulInteger / ConvInteger
 ``weight_only``     int8 / INT4 weights only
+``recurrent``       LSTM -> com.microsoft.DynamicQuantizeLSTM; GRU int8 weight QDQ only with ``ops=[GRU]``
 ``budget``          the accuracy-budget search (sensitivity per FLOP, bisection, add-back)
 ``integer_path``    the ``integer path`` note (``nnsculpt.runtime.integer_path`` runs the check)
 ``state``           :class:`QuantRun`: everything one run finds (the pass object keeps none)

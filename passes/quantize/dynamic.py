@@ -1,6 +1,10 @@
 """Dynamic quantization: ``DynamicQuantizeLinear`` on the input and ``MatMulInteger`` /
 ``ConvInteger`` on int8 weights, rescaled by ``Cast -> Mul(s_x * s_w) -> Add(bias)`` (ORT fuses
-the MatMul form into DynamicQuantizeMatMul). No calibration."""
+the MatMul form into DynamicQuantizeMatMul). No calibration. Recurrent layers (LSTM ->
+DynamicQuantizeLSTM, opt-in GRU weight QDQ) by
+:func:`~nnsculpt.passes.quantize.recurrent.run_recurrent`; the float graph before the rewrite is
+the FLOPs reference of the integer-path report (ONNX shape inference does not know the
+com.microsoft ops, so the quantized graph's own shapes may be incomplete)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 
 from ...ir.graph import Graph, Node, Value
 from .placement import candidates
+from .recurrent import run_recurrent
 from .state import QuantRun
 from .table import spec_for
 from .weights import FLOAT32, drop_unused, is_f32, quantize_weight
@@ -29,6 +34,7 @@ def run_dynamic(q: "Quantize", graph: Graph, state: QuantRun) -> int:
     done = 0
     dq_cache: DynCache = {}
     skipped: list[str] = []
+    state.reference = graph.copy() if o.check_integer else None
     for n in list(candidates(graph, o)):
         spec = spec_for(n)
         if not spec.dynamic:
@@ -50,7 +56,7 @@ def run_dynamic(q: "Quantize", graph: Graph, state: QuantRun) -> int:
                    f"({o.weights} weights, {'per-channel' if o.per_channel else 'per-tensor'})"
                    + (f"; left float: {', '.join(skipped[:10])}" if skipped else ""))
     state.artifacts.update(dynamic_layers=done)
-    return done
+    return done + run_recurrent(q, graph, state)
 
 
 def _dyn_quant(q: "Quantize", g: Graph, x: Value, cache: DynCache) -> tuple[Value, Value, Value]:

@@ -1,7 +1,10 @@
 """Static (QDQ) quantization: calibrate activations on the calibration data, then rewrite the
 graph by a :class:`~nnsculpt.passes.quantize.placement.QuantPlan` -- activation Q/DQ pairs,
 int8 weights, int32 biases, quantized constant inputs, absorbed Relu / Clip activations --
-optionally after the accuracy-budget search chose which layers stay float."""
+optionally after the accuracy-budget search chose which layers stay float. Recurrent layers
+(LSTM -> DynamicQuantizeLSTM, opt-in GRU weight QDQ) are rewritten after the QDQ rewrite by
+:func:`~nnsculpt.passes.quantize.recurrent.run_recurrent` (the FLOPs reference, taken before,
+keeps the float LSTM)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from ...ir.errors import InputDataError, PassOptionError
 from ...ir.graph import Graph, Node, Value
 from . import budget
 from .placement import QuantPlan, candidates, plan
+from .recurrent import run_recurrent
 from .state import QuantRun
 from .table import spec_for
 from .weights import FLOAT32, bias_dq, dq_const, drop_unused, is_f32, weight_dq
@@ -82,7 +86,7 @@ def run_static(q: "Quantize", graph: Graph, state: QuantRun) -> int:
              f"({'per-channel' if o.per_channel else 'per-tensor'}); {done.count} tensors quantized, "
              f"{nq} compute layers")
     state.artifacts.update(quantized_tensors=done.count, compute_layers=nq)
-    return done.count
+    return done.count + run_recurrent(q, graph, state)
 
 
 # ========================================================================= calibration

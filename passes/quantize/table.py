@@ -21,6 +21,10 @@ Kinds (how the pass treats the op):
 * ``passthrough`` -- MaxPool / Reshape / Transpose / Resize / ...: data movement that runs
   on 8-bit data directly. Quantized only when the input already is, with the *same*
   scale and zero point on both sides so ORT drops the Q/DQ pair around it.
+
+Recurrent ops (LSTM / GRU) are not QDQ groups: they are rewritten whole by
+``passes/quantize/recurrent.py`` from :data:`RECURRENT_TABLE` (the ORT kernel that runs the
+op with int8 weights, if there is one, and whether the op is quantized without ``ops=[...]``).
 """
 
 from __future__ import annotations
@@ -110,6 +114,32 @@ QUANT_TABLE: dict[str, OpQuant] = {
     "Split": OpQuant("passthrough"),
     "Identity": OpQuant("passthrough"),
 }
+
+@dataclass(frozen=True)
+class RecurrentQuant:
+    """How ``passes/quantize/recurrent.py`` treats a recurrent op."""
+
+    #: gates per step (the rows of W / R are ``gates * hidden_size``)
+    gates: int
+    #: the ``com.microsoft`` ORT kernel with int8 W / R and dynamically quantized activations
+    #: (``None``: ORT has none -- weights are only stored int8 behind DequantizeLinear)
+    kernel: str | None
+    #: quantized when ``ops`` is not given (an op without an integer kernel only saves size)
+    default: bool
+
+
+RECURRENT_TABLE: dict[str, RecurrentQuant] = {
+    "LSTM": RecurrentQuant(4, "DynamicQuantizeLSTM", default=True),
+    "GRU": RecurrentQuant(3, None, default=False),
+}
+
+
+def recurrent_spec(node: Node) -> RecurrentQuant | None:
+    """The :data:`RECURRENT_TABLE` entry of a default-domain LSTM / GRU node, else ``None``."""
+    if node.domain not in ("", "ai.onnx") or node.has_subgraphs:
+        return None
+    return RECURRENT_TABLE.get(node.op_type)
+
 
 #: op types whose weight is quantized in weight-only mode
 WEIGHT_OPS = tuple(k for k, v in QUANT_TABLE.items() if v.weight is not None)
