@@ -116,7 +116,9 @@ def jsonable(x: Any) -> Any:
 class PassContext:
     """What a pass may need beyond the graph: inputs to the run, never outputs of it.
 
-    ``calib_data``: named sample inputs (arrays with a batch dim) for data-driven passes;
+    ``calib_data``: named sample inputs for data-driven passes: arrays with a batch dim, or
+    (inputs of varying size) lists of such arrays, element i of every input one batch
+    (``nnsculpt.runtime.ort``: ``take_samples``, ``batches``, ``is_ragged``);
     ``labels``: integer labels aligned with ``calib_data`` (Taylor importance); ``seed``: for
     anything random; ``finetune(graph, step)``: called between the steps of iterative passes
     (it may train through ``to_torch`` / ``write_back``); ``allow_opset_raise``: whether

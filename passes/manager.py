@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import __version__
 from ..ir.analysis import graph_stats
-from ..ir.errors import DriftError, NumericsError, VerificationError
+from ..ir.errors import DriftError, InputDataError, NNSculptError, NumericsError, VerificationError
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
 from ..ir.verifier import verify as verify_graph
@@ -161,10 +161,21 @@ class PassManager:
             inputs = self.sample_inputs
             if inputs is None and ctx.calib_data is not None:
                 inputs = take_samples(ctx.calib_data, self.check_samples)
-            if inputs is None:
+            generated = inputs is None
+            if generated:
                 inputs = make_inputs(graph, batch=2, seed=ctx.seed)
             state["inputs"] = inputs
-            state["ref"] = state["prev"] = self._outputs(graph, inputs)
+            try:
+                state["ref"] = state["prev"] = self._outputs(graph, inputs)
+            except NNSculptError:
+                raise
+            except Exception as e:  # ONNX Runtime refused the inputs: say which, and what to do
+                what = "inputs generated from its input types" if generated else "the given inputs"
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InputDataError(
+                    f"model '{graph.name}': the output-drift check cannot run the input model on {what}: "
+                    f"{msg[:400]} -- give real inputs (--calib-data X.npz or a directory of .npz files), "
+                    f"or skip the check with --no-check") from None
 
         def execute(p: Pass, inserted: InsertedPass | None = None, requirement: str = "",
                     for_pass: str = "") -> PassResult:

@@ -127,6 +127,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         labels = load_labels(args.calib_data)
     ctx = PassContext(calib_data=calib, seed=args.seed, labels=labels)
+    check_inputs = load_inputs(args.inputs, g) if args.inputs else None
     dump_dir = Path(args.report) / "ir" if (args.report and args.print_ir_after_all) else None
     # numerics are always checked when a lossy pass runs (never a silently broken model)
     lossy = any(not p.exact for p in passes)
@@ -134,7 +135,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pm = PassManager(passes, verify=args.verify, check_numerics=check, dump_dir=dump_dir,
                      print_ir=sys.stderr if args.print_ir_after_all else None,
                      min_top1=args.min_top1, min_cosine=args.min_cosine, max_rel_drift=args.max_drift,
-                     fail_on_drift=args.fail_on_drift, enforce_exact=args.verify)
+                     fail_on_drift=args.fail_on_drift, enforce_exact=args.verify, sample_inputs=check_inputs)
     result = pm.run(g, ctx)
     if not args.verify:
         verify(result.graph)
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output .onnx path")
     s.add_argument("--calib-data", help=".npz of sample inputs (input name -> array with batch dim), or a "
                    "directory of such .npz files whose shapes may differ from file to file")
+    s.add_argument("--inputs", help="held-out inputs for the output-drift check (.npz or a directory of .npz "
+                   "files; default: the first samples of --calib-data, else generated from the input types)")
     s.add_argument("--report", metavar="DIR", help="write report.json (and IR dumps) into DIR")
     s.add_argument("--print-ir-after-all", action="store_true",
                    help="print the IR after every pass to stderr (and to DIR/ir/ with --report)")

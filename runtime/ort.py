@@ -79,7 +79,7 @@ def session(model: "Graph | onnx.ModelProto | str | os.PathLike | bytes", *, pro
     if optimization_level not in levels:
         raise ValueError(f"optimization_level must be one of {sorted(levels)}, got {optimization_level!r}")
     so.graph_optimization_level = levels[optimization_level]
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # errors reach the caller as exceptions (named by nnsculpt), not as log lines
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1

@@ -201,3 +201,36 @@ def test_drift_guard_warns_and_can_refuse(tmp_path):
     rc, _, err = cli("compile", "zoo:digits_resnet", "-p", "prune-weights{sparsity=0.1}", "--calib-data", str(calib),
                      "-o", str(tmp_path / "ok.onnx"), "--fail-on-drift")
     assert rc == 0 and "warning" not in err, err
+
+
+def _reflect_pad_model(path):
+    """x [N, W] -> reflect Pad by 40 -> MatMul: ORT refuses W <= 40 (the generated inputs have W = 32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((1, 1)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 40, 0, 40], np.int64), "pads")
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect", name="pad"),
+             helper.make_node("Unsqueeze", ["p", "ax"], ["u"], name="unsq"),
+             helper.make_node("MatMul", ["u", "w"], ["y"], name="mm")]
+    ax = numpy_helper.from_array(np.array([-1], np.int64), "ax")
+    g = helper.make_graph(nodes, "reflect", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, pads, ax])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_drift_check_names_inputs_the_model_refuses_and_takes_held_out_inputs(tmp_path, capsys):
+    m = tmp_path / "reflect.onnx"
+    _reflect_pad_model(m)
+    out = tmp_path / "q.onnx"
+    # no data: the check runs on generated inputs that ORT refuses -> a named error, no file, no traceback
+    assert main(["compile", str(m), "-p", "quantize{mode=dynamic,ops=[MatMul]}", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "InputDataError" in err and "drift check cannot run the input model on inputs generated" in err
+    assert "--no-check" in err and "Traceback" not in err and not out.exists()
+    # held-out inputs for the check: it runs on them, and says so in the report
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "held.npz", x=rng.standard_normal((5, 64)).astype(np.float32))
+    assert main(["compile", str(m), "-p", "quantize{mode=dynamic,ops=[MatMul]}", "-o", str(out),
+                 "--inputs", str(tmp_path / "held.npz"), "--report", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["numerics"]["inputs"] == {"x": [5, 64]} and out.exists()

@@ -109,6 +109,12 @@ class Quantize(Pass):
     as single float ops. The note ``integer path`` reports which layers ORT actually
     runs in integer kernels and their share of the FLOPs.
 
+    * an ``LSTM`` with constant weights becomes ``com.microsoft.DynamicQuantizeLSTM`` (int8
+      W / R, a scale per gate row; activations quantized inside the kernel) in static and
+      dynamic mode; ``GRU`` stays float (ORT has no integer GRU kernel) unless ``ops=[GRU,...]``
+      asks for int8 weights + DequantizeLinear (smaller file, float compute). Recurrent nodes
+      inside If / Loop bodies, with ``layout=1`` or computed weights are left float, noted
+      (``passes/quantize/recurrent.py``);
     * numerically fragile chains stay float by default (``keep_fragile_float``): an Add / Mul /
       Concat / pooling / Sigmoid node, or a MatMul of two activations (attention scores),
       that reads a Softmax / Exp / Log / Div / Reciprocal / Sqrt / Pow / Erf / Tanh / Sub /
