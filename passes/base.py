@@ -154,6 +154,8 @@ class Pass:
     guarantees: ClassVar[frozenset[str]] = frozenset()
     #: advice appended to the error when a requirement cannot be met (by requirement kind)
     requirement_hints: ClassVar[dict[str, str]] = {}
+    #: what to try when this (lossy) pass's output drifts past the thresholds (shown with the warning)
+    drift_hint: ClassVar[str] = ""
 
     @dataclass
     class Options:

@@ -126,7 +126,7 @@ class PassManager:
 
         return run(graph, inputs)
 
-    def _drift_warning(self, name: str, total: dict[str, float]) -> str | None:
+    def _drift_warning(self, name: str, total: dict[str, float], hint: str = "") -> str | None:
         why = []
         if "top1_agreement" in total and total["top1_agreement"] < self.min_top1:
             why.append(f"top-1 agreement with the input model {total['top1_agreement']:.3f} < {self.min_top1:g}")
@@ -134,7 +134,9 @@ class PassManager:
             why.append(f"output cosine {total['cosine']:.4f} < {self.min_cosine:g}")
         if self.max_rel_drift is not None and total["max_rel"] > self.max_rel_drift:
             why.append(f"max relative error {total['max_rel']:.3g} > {self.max_rel_drift:g}")
-        return f"after pass '{name}': " + "; ".join(why) if why else None
+        if not why:
+            return None
+        return f"after pass '{name}': " + "; ".join(why) + (f" -- {hint}" if hint else "")
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> RunResult:
         from .pipeline import format_pipeline
@@ -243,7 +245,7 @@ class PassManager:
                 f"exact pass '{p.name}' changed the outputs: max relative error "
                 f"{step['max_rel']:.3g} > tolerance {self.tolerance:g}")
         state["prev"] = cur
-        warning = None if p.exact else self._drift_warning(p.name, total)
+        warning = None if p.exact else self._drift_warning(p.name, total, p.drift_hint)
         if warning:
             if self.fail_on_drift:
                 raise DriftError(warning + " (fail_on_drift)")

@@ -67,6 +67,7 @@ class PruneWeights(Pass):
     """
 
     name = "prune-weights"
+    drift_hint = "a lower sparsity, or recover with `nnsculpt distill --teacher INPUT`"
     exact = False
 
     @dataclass

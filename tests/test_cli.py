@@ -189,6 +189,7 @@ def test_drift_guard_warns_and_can_refuse(tmp_path):
     rc, stdout, err = cli(*args, "-o", str(out), "--report", str(tmp_path / "rep"))
     assert rc == 0 and out.exists(), err
     assert "nnsculpt: warning: after pass 'prune-weights': top-1 agreement with the input model" in err
+    assert "-- a lower sparsity, or recover with `nnsculpt distill" in err      # what to try, on the same line
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(rep["warnings"]) == 1 and rep["passes"][0]["warning"] == rep["warnings"][0]
     top1 = rep["passes"][0]["drift_vs_input"]["top1_agreement"]

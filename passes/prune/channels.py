@@ -192,6 +192,7 @@ class PruneChannels(Pass):
     """
 
     name = "prune-channels"
+    drift_hint = "a smaller ratio (or target=flops:X), importance=taylor with --calib-data, or recover with `nnsculpt distill --teacher INPUT`"
     exact = False
 
     @dataclass

@@ -136,6 +136,8 @@ class Quantize(Pass):
     name = "quantize"
     exact = False
     requirement_hints = {"calib-data": "use quantize{mode=dynamic} or quantize{mode=weight-only} without data"}
+    drift_hint = ("quantize{budget=0.01,metric=top1|cosine|rel_l2|iou@0.3} keeps the layers that cause it in "
+                  "float (the most FLOPs in integer kernels within the budget); calibration=mse|kl may help")
 
     @dataclass
     class Options:
