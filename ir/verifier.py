@@ -101,7 +101,9 @@ def _check_weights(n) -> list[str]:
             if isinstance(k_b, int) and k_a != k_b:
                 errs.append(f"Gemm '{n.name}': A has K={k_a} but B has K={k_b}")
     elif n.op_type == "BatchNormalization" and len(ins) >= 5:
-        sizes = {tuple(v.shape) for v in ins[1:5] if v is not None and v.shape is not None}
+        # only concrete sizes can conflict: two symbolic dims (``unk__4``, ``unk__122``) may be equal
+        sizes = {tuple(v.shape) for v in ins[1:5] if v is not None and v.shape is not None
+                 and all(isinstance(d, int) and d >= 0 for d in v.shape)}
         if len(sizes) > 1:
             errs.append(f"BatchNormalization '{n.name}': scale/bias/mean/var shapes differ: {sorted(sizes)}")
         x = ins[0]

@@ -61,6 +61,23 @@ def test_verifier_catches_broken_graphs():
         verify(g)
 
 
+def test_batchnorm_parameter_shapes_conflict_only_when_concrete():
+    """tf2onnx's layer norm feeds BatchNormalization computed scale / mean / var whose shapes are
+    symbolic under different names: they may be equal, so only concrete sizes can conflict."""
+    def bn(shapes):
+        g = Graph("bn")
+        x = g.add_input("x", np.float32, (1, "C", 4, 1))
+        ins = [x] + [g.add_input(k, np.float32, sh) for k, sh in zip(("s", "b", "m", "v"), shapes)]
+        n = g.add_node("BatchNormalization", ins, ["y"], name="bn")
+        g.outputs.append(n.outputs[0])
+        return g
+
+    verify(bn([("unk__1",), ("unk__2",), ("unk__3",), ("unk__3",)]))
+    verify(bn([(4,), (4,), ("m",), (4,)]))
+    with pytest.raises(VerificationError, match="BatchNormalization 'bn': scale/bias/mean/var shapes differ"):
+        verify(bn([(4,), (4,), (5,), (4,)]))
+
+
 def test_conv_weight_vs_attribute_check():
     g = Graph("c")
     x = g.add_input("x", np.float32, (1, 4, 8, 8))
