@@ -632,3 +632,48 @@ def collect_channel_means(graph, names: Sequence[str], data: Mapping[str, Any], 
             sums[n] = sums.get(n, 0) + s
             cnts[n] = cnts.get(n, 0) + a.size // a.shape[ax]
     return {n: sums[n] / max(cnts[n], 1) for n in sums}
+
+
+def collect_second_moments(graph, names: Sequence[str], data: Mapping[str, Any], *,
+                           axis: int | Mapping[str, int] = -1,
+                           rows: Mapping[str, Any] | None = None,
+                           batch_size: int = 16, progress: bool = True) -> dict[str, np.ndarray]:
+    """The second moment ``E[x x^T] = X^T X / n`` (float64, ``d x d``) of each named value over
+    the data, where the rows ``x`` of ``X`` are the value's vectors along ``axis`` (an int for
+    all names or a per-name mapping; default the last axis, as a MatMul reads it; ``1`` for NCHW
+    channels) -- every other position of every sample is one row. ``rows`` may map a name to a
+    function ``array -> (n, d) rows`` instead (e.g. only the positions a strided 1x1 conv reads).
+    Streamed batch by batch (memory ``d^2`` per value); dense or ragged data. Graph inputs may be
+    named too. Used by data-aware low-rank factorization (whitening by the Cholesky factor)."""
+    names = list(dict.fromkeys(names))
+    rows = dict(rows or {})
+    sums: dict[str, np.ndarray] = {}
+    cnts: dict[str, int] = {n: 0 for n in names}
+
+    def add(n: str, arr) -> None:
+        a = np.asarray(arr, dtype=np.float64)
+        if n in rows:
+            r = np.asarray(rows[n](a), dtype=np.float64)
+        else:
+            ax = axis.get(n, -1) if isinstance(axis, Mapping) else axis
+            r = np.moveaxis(a, ax, -1)
+            r = r.reshape(-1, r.shape[-1])
+        m = r.T @ r
+        sums[n] = sums[n] + m if n in sums else m
+        cnts[n] += r.shape[0]
+
+    graph_inputs = {v.name for v in graph.inputs}
+    fed = [n for n in names if n in graph_inputs]
+    inner = [n for n in names if n not in graph_inputs]
+    if fed:
+        from .ort import iter_elements
+
+        for el in iter_elements(data):
+            for n in fed:
+                add(n, el[n])
+    if inner:
+        for outs in iter_intermediates(graph, inner, data, batch_size=batch_size, progress=progress,
+                                       desc="second moments"):
+            for n, arr in outs.items():
+                add(n, arr)
+    return {n: sums[n] / max(cnts[n], 1) for n in names if n in sums}

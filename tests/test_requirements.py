@@ -142,7 +142,8 @@ def test_holds(small_onnx):
 
 # every built-in pass, with what it needs to run on SmallNet
 STATELESS = ["dce", "fold-constants", "fold-bn", "eliminate-identity", "canonicalize", "raise-opset{opset=17}",
-             "fuse-layernorm", "fuse-gelu",
+             "fuse-layernorm", "fuse-gelu", "svd-linear{rank_ratio=0.5}", "factorize-conv{rank=2}",
+             "spatial-svd{rank_ratio=0.5}", "tucker-conv{energy=0.9}",
              "equalize", "bias-correction", "prune-channels{ratio=0.25}", "prune-weights{sparsity=0.5}",
              "quantize{calibration=kl}", "quantize{mode=dynamic}", "quantize{budget=0.001}"]
 
