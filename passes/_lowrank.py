@@ -10,14 +10,20 @@ Rank options (exactly one is given):
 * ``energy=e`` -- the fewest terms whose squared singular values keep a fraction ``>= e`` of
   ``sum(sigma^2)`` (``0 < e <= 1``);
 * ``max_error=t`` -- the fewest terms whose relative Frobenius error of the weight,
-  ``sqrt(sum of dropped sigma^2 / sum(sigma^2))``, is ``<= t`` (``0 <= t < 1``).
+  ``sqrt(sum of dropped sigma^2 / sum(sigma^2))``, is ``<= t`` (``0 <= t < 1``);
+* ``rank=auto`` (implied by ``budget=`` or ``target=`` alone) -- ranks chosen per layer on
+  calibration data (:func:`auto_search`).
+
+``min_speedup=s`` (any rank option): a layer is rewritten only when its factorized chain runs at
+least ``s`` times as fast as the dense layer in ONNX Runtime on this machine, both timed as tiny
+standalone models (:func:`speed_check`, ``runtime.layer_timing``; cached on disk).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -41,6 +47,17 @@ class RankOptions:
     max_error: Optional[float] = None
     layers: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+    # rank=auto: ranks chosen under a budget / target on calibration data
+    budget: Optional[float] = None
+    target: str = ""                   # params:F | flops:F (F in (0, 1]) of the selected layers' dense weights / MACs
+    metric: str = "rel_l2"             # rel_l2 | max_rel | cosine | top1 | iou@T (runtime.metrics)
+    budget_samples: int = 64
+    candidates: int = 8                # candidate ranks per layer on its sensitivity curve
+    batch_size: int = 16               # batch size of ORT runs on calibration data
+    # min_speedup: apply a rewrite only where ORT runs the factors that much faster than the dense layer
+    min_speedup: Optional[float] = None
+    bench_batch: int = 1
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,7 +83,23 @@ def parse_rank_options(pass_name: str, o: RankOptions) -> RankRule:
     def bad(opt: str, why: str) -> PassOptionError:
         return PassOptionError(f"pass '{pass_name}': option '{opt}' has bad value {getattr(o, opt)!r}: {why}")
 
+    _check_common(pass_name, o, bad)
     given = [k for k in ("rank", "rank_ratio", "energy", "max_error") if getattr(o, k) not in (None, "")]
+    searched = [k for k in ("budget", "target") if getattr(o, k) not in (None, "")]
+    is_auto = str(o.rank).strip().lower() == "auto"
+    if searched and not is_auto:
+        if given:
+            raise PassOptionError(f"pass '{pass_name}': option {searched[0]!r} chooses the ranks (rank=auto); it "
+                                  f"excludes {given[0]!r}: give one or the other")
+        is_auto = True
+    if is_auto:
+        if len(given) > 1:
+            other = [k for k in given if k != "rank"][0]
+            raise PassOptionError(f"pass '{pass_name}': options 'rank' and {other!r} exclude each other: give only one")
+        if not searched:
+            raise bad("rank", "rank=auto needs option 'budget' (the largest error allowed on the calibration data, "
+                              "by 'metric') or 'target' (params:0.5 or flops:0.5), or both")
+        return RankRule("auto")
     if not given:
         raise PassOptionError(f"pass '{pass_name}': give one of the options 'rank', 'rank_ratio', 'energy' or "
                               f"'max_error' (e.g. {pass_name}{{rank_ratio=0.5}})")
@@ -78,9 +111,6 @@ def parse_rank_options(pass_name: str, o: RankOptions) -> RankRule:
         s = str(o.rank).strip().lower()
         if s == "full":
             return RankRule("full")
-        if s == "auto":
-            raise bad("rank", "rank=auto (ranks under a budget) is not implemented yet; give N, full, "
-                              "rank_ratio=, energy= or max_error=")
         try:
             n = int(s)
         except ValueError:
@@ -94,6 +124,39 @@ def parse_rank_options(pass_name: str, o: RankOptions) -> RankRule:
     if k == "max_error" and not (0.0 <= v < 1.0):
         raise bad(k, "must be in [0, 1)")
     return RankRule(k, v)
+
+
+def _check_common(pass_name: str, o: RankOptions, bad: Callable[[str, str], PassOptionError]) -> None:
+    if o.budget is not None and not (o.budget >= 0):
+        raise bad("budget", "must be >= 0")
+    if o.target not in (None, ""):
+        parse_target(pass_name, o.target)
+    from ..runtime.metrics import check_metric_name
+
+    try:
+        check_metric_name(o.metric)
+    except ValueError as e:
+        raise PassOptionError(f"pass '{pass_name}': option 'metric': {e}") from None
+    for k, lo in (("budget_samples", 1), ("candidates", 2), ("batch_size", 1), ("bench_batch", 1), ("threads", 1)):
+        if int(getattr(o, k)) < lo:
+            raise bad(k, f"must be >= {lo}")
+    if o.min_speedup is not None and not (o.min_speedup >= 0):
+        raise bad("min_speedup", "must be >= 0 (1.0: never slower than the dense layer)")
+
+
+def parse_target(pass_name: str, target: str) -> tuple[str, float]:
+    """``params:F`` / ``flops:F`` -> (``params`` | ``flops``, F), F in (0, 1]."""
+    s = str(target).strip().lower().replace("=", ":")
+    kind, _, num = s.partition(":")
+    try:
+        f = float(num)
+    except ValueError:
+        f = math.nan
+    if kind not in ("params", "flops", "macs") or not (0.0 < f <= 1.0):
+        raise PassOptionError(f"pass '{pass_name}': option 'target' has bad value {target!r}: expected params:F or "
+                              f"flops:F with F in (0, 1] (the fraction of the selected layers' dense weights / "
+                              f"MACs to keep), e.g. target=params:0.5")
+    return ("flops" if kind == "macs" else kind), f
 
 
 def choose_rank(rule: RankRule, sq: np.ndarray) -> int:
@@ -253,3 +316,369 @@ def check_rank_possible(pass_name: str, rule: RankRule, fulls: Sequence[int]) ->
 def layer_name(node: Node) -> str:
     """How notes name a layer: the node name, with its provenance when that differs."""
     return node.name if node.source == node.name else f"{node.name} ({node.source})"
+
+
+# ====================================================================== timing (min_speedup)
+def bench_shapes(graph: Graph, calib: Any, batch: int) -> dict[str, list[int]]:
+    """Static shapes of the graph's values with the graph inputs' symbolic batch dim (dim 0)
+    set to ``batch`` and their other symbolic dims taken from the calibration data where given
+    (shape inference on a copy). Values whose shape stays symbolic are left out."""
+    from ..ir.analysis import infer_shapes
+
+    g = graph.copy()
+    for v in g.inputs:
+        if v.shape is None:
+            continue
+        sample = None
+        if calib and v.name in calib:
+            a = calib[v.name]
+            sample = np.shape(a[0] if isinstance(a, (list, tuple)) else a)
+        shape = []
+        for i, d in enumerate(v.shape):
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            elif i == 0:
+                shape.append(int(batch))
+            elif sample is not None and len(sample) == len(v.shape):
+                shape.append(int(sample[i]))
+            else:
+                shape.append(d)
+        v.shape = shape
+    for v in g.values.values():
+        if not v.is_const and v not in g.inputs:
+            v.shape = None
+    g.invalidate()
+    infer_shapes(g)
+    return {k: list(v.shape) for k, v in g.values.items()
+            if not v.is_const and v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape)}
+
+
+def one_layer_graph(graph: Graph, node: Node, x_shape: Sequence[int]) -> Graph | None:
+    """A standalone graph of ``node`` alone: its first input a graph input of shape ``x_shape``,
+    its other (constant) inputs initializers; the node keeps its name, attributes and provenance.
+    None when another input is not constant."""
+    from ..ir.analysis import infer_shapes
+
+    g = Graph(f"layer:{node.name}")
+    g.opset_imports = dict(graph.opset_imports)
+    x0 = node.input(0)
+    x = g.add_input("x", x0.dtype or np.float32, list(x_shape))
+    ins: list[Value | None] = [x]
+    for i, v in enumerate(node.inputs[1:], start=1):
+        if v is None:
+            ins.append(None)
+            continue
+        arr = const_of(v)
+        if arr is None:
+            return None
+        ins.append(g.add_initializer(f"w{i}", np.asarray(arr)))
+    n = g.add_node(node.op_type, ins, ["y"], dict(node.attrs), name=node.name, meta={"source": node.source})
+    n.attr_types = dict(node.attr_types)
+    g.outputs = [n.outputs[0]]
+    infer_shapes(g)
+    return g
+
+
+def chain_macs(g: Graph) -> int:
+    from ..ir.analysis import node_costs
+
+    return int(sum(c.macs for c in node_costs(g)))
+
+
+def speed_check(o: RankOptions, dense: Graph, factored: Graph) -> dict[str, Any]:
+    """Time the one-layer graphs ``dense`` and ``factored`` (cached): ``dense_ms``,
+    ``factored_ms``, ``speedup`` = dense / factored, ``timing_cached``."""
+    from ..runtime.layer_timing import time_graphs
+
+    d, f = time_graphs([dense, factored], threads=o.threads)
+    sig = lambda x: float(f"{x:.6g}")  # noqa: E731
+    return {"dense_ms": sig(d["ms"]), "factored_ms": sig(f["ms"]), "speedup": sig(d["ms"] / max(f["ms"], 1e-12)),
+            "timing_cached": bool(d["cached"] and f["cached"])}
+
+
+def speed_verdict(o: RankOptions, t: dict[str, Any]) -> str | None:
+    """None when the timing ``t`` passes ``min_speedup``, else why not (``slower (x0.40)``)."""
+    if o.min_speedup is None or t["speedup"] >= o.min_speedup:
+        return None
+    if t["speedup"] < 1.0:
+        return f"slower (x{t['speedup']:.2f})"
+    return f"not fast enough (x{t['speedup']:.2f} < min_speedup {o.min_speedup:g})"
+
+
+def timing_note(t: dict[str, Any]) -> str:
+    return f"dense {t['dense_ms']:.4g} ms, factored {t['factored_ms']:.4g} ms in ORT"
+
+
+@dataclass
+class Candidate:
+    """One rank of one layer: ``apply(g)`` rewrites the layer (found by node name) in ``g``."""
+
+    rule: RankRule
+    entry: dict[str, Any]
+    apply: Callable[[Graph], None]
+    macs: int | None = None
+    timing: dict[str, Any] | None = None
+
+    @property
+    def params(self) -> int:
+        return int(self.entry["params_after"])
+
+
+@dataclass
+class AutoLayer:
+    name: str
+    label: str
+    params: int                          # dense weights
+    macs: int | None                     # dense MACs at the bench shape (None: unknown)
+    cands: list[Candidate] = field(default_factory=list)   # increasing rank
+
+
+def candidate_ks(valid: Sequence[int], n: int) -> list[int]:
+    """About ``n`` of the ranks ``valid`` (sorted), geometrically spaced, first and last included."""
+    valid = sorted(set(int(k) for k in valid))
+    if len(valid) <= n:
+        return valid
+    lo, hi = valid[0], valid[-1]
+    want = np.unique(np.round(np.geomspace(lo, hi, n)).astype(int))
+    out = sorted({min(valid, key=lambda k: (abs(k - w), k)) for w in want})
+    return out
+
+
+def prepare_candidates(pass_name: str, graph: Graph, node: Node, shapes: dict[str, list[int]], o: RankOptions,
+                       dense_params: int, cands: list[Candidate], ctx: Any) -> AutoLayer:
+    """The layer's :class:`AutoLayer`: MACs at the bench shape (when static) and, with
+    ``min_speedup``, only the candidates fast enough (the others noted)."""
+    shape = shapes.get(node.input(0).name)
+    dense = one_layer_graph(graph, node, shape) if shape is not None else None
+    lay = AutoLayer(node.name, layer_name(node), dense_params, chain_macs(dense) if dense is not None else None)
+    if o.min_speedup is not None and dense is None:
+        ctx.note(f"{layer_name(node)}: min_speedup: cannot time it (input shape not static beyond the batch dim); "
+                 f"kept dense")
+        return lay
+    slow = []
+    for c in cands:
+        if dense is not None:
+            fac = dense.copy()
+            c.apply(fac)
+            c.macs = chain_macs(fac)
+            if o.min_speedup is not None:
+                c.timing = speed_check(o, dense, fac)
+                c.entry.update(c.timing)
+                if speed_verdict(o, c.timing):
+                    slow.append(f"{c.entry['rank']} (x{c.timing['speedup']:.2f})")
+                    continue
+        lay.cands.append(c)
+    if slow:
+        ctx.note(f"{layer_name(node)}: min_speedup={o.min_speedup:g}: candidate rank(s) {', '.join(slow)} not "
+                 f"considered (not fast enough in ORT)")
+    return lay
+
+
+# ========================================================================== rank=auto
+def auto_search(pass_name: str, graph: Graph, ctx: Any, o: RankOptions,
+                layers: list[AutoLayer]) -> tuple[dict[str, int | None], dict[str, Any]]:
+    """Choose a candidate (or dense: None) per layer.
+
+    1. **curves**: the metric (``o.metric``, model outputs vs the dense model's on up to
+       ``budget_samples`` calibration samples, ORT) with only that layer factorized, at each
+       candidate rank;
+    2. **greedy path** (AIMET's greedy compression-ratio selection): from all dense, repeatedly
+       lower the rank of the layer (to any lower candidate) with the least predicted error
+       increase per parameter (``target=flops:``: per MAC) saved; the predicted error of a
+       configuration is the sum of its layers' curve errors;
+    3. **choice**: with ``target``, the first configuration on the path that meets it (then
+       measured; with ``budget`` too, a measured error above it is an error); with ``budget``
+       alone, a bisection over the path on *measured* errors, starting at the last
+       configuration predicted within the budget: the most compressed configuration measured
+       within it.
+    """
+    from ..runtime.metrics import resolve
+    from ..runtime.ort import num_samples, run, session, take_samples
+
+    by_name = {l.name: l for l in layers}
+    data = take_samples(ctx.calib_data, o.budget_samples)
+    metric_name, fn = resolve(o.metric)
+    ref = run(session(graph), data, batch_size=o.batch_size)
+    try:
+        fn(ref, ref)
+    except ValueError as e:
+        raise PassOptionError(f"pass '{pass_name}': option 'metric': {e}") from None
+    tkind, tfrac = parse_target(pass_name, o.target) if o.target else ("params", None)
+    budget = o.budget
+    evals = 0
+
+    from ..runtime.metrics import metric_error
+
+    secondary: dict[int, float] = {}     # id of the last evaluation -> its rel_l2 (tie-breaks of discrete metrics)
+
+    def evaluate(config: dict[str, int]) -> float:
+        nonlocal evals
+        g2 = graph.copy()
+        for name, idx in config.items():
+            by_name[name].cands[idx].apply(g2)
+        got = run(session(g2), data, batch_size=o.batch_size)
+        evals += 1
+        e = float(fn(ref, got))
+        secondary[evals] = e if metric_name == "rel_l2" else float(metric_error("rel_l2", ref, got))
+        return e
+
+    def cost(l: AutoLayer, idx: int | None) -> int:
+        if tkind == "flops":
+            return int(l.macs if idx is None else l.cands[idx].macs)
+        return int(l.params if idx is None else l.cands[idx].params)
+
+    if tkind == "flops":
+        unknown = [l.label for l in layers if l.macs is None or any(c.macs is None for c in l.cands)]
+        if unknown:
+            raise PassOptionError(f"pass '{pass_name}': option 'target' {o.target!r}: the MACs of {unknown[0]} are "
+                                  f"unknown (its input shape is not static beyond the batch dim; give calibration "
+                                  f"data with the real shapes, or target=params:F)")
+    live = [l for l in layers if l.cands]
+    # 1. curves
+    err: dict[str, list[float]] = {}
+    rel: dict[str, list[float]] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for l in live:
+        err[l.name], rel[l.name] = [], []
+        for i in range(len(l.cands)):
+            err[l.name].append(evaluate({l.name: i}))
+            rel[l.name].append(secondary[evals])
+        curves[l.name] = [{"rank": c.entry["rank"], "params": c.params, "macs": c.macs, "error": e}
+                          | ({"rel_l2": r} if metric_name != "rel_l2" else {})
+                          for c, e, r in zip(l.cands, err[l.name], rel[l.name])] + \
+                         [{"rank": "dense", "params": l.params, "macs": l.macs, "error": 0.0}]
+    # 2. greedy path
+    level: dict[str, int | None] = {l.name: None for l in live}
+    total_dense = sum(cost(l, None) for l in layers) or 1
+
+    def cur_err(l: AutoLayer, table: dict[str, list[float]] = err) -> float:
+        return 0.0 if level[l.name] is None else table[l.name][level[l.name]]
+
+    def totals() -> tuple[float, int, int]:
+        pe = sum(cur_err(l) for l in live)
+        params = sum(l.params if level.get(l.name) is None else l.cands[level[l.name]].params for l in layers)
+        macs = sum((l.macs or 0) if level.get(l.name) is None else (l.cands[level[l.name]].macs or 0) for l in layers)
+        return pe, params, macs
+
+    p_dense = sum(l.params for l in layers) or 1
+    m_dense = sum(l.macs or 0 for l in layers) or 1
+    if any(l.macs is None or any(c.macs is None for c in l.cands) for l in layers):
+        m_dense = None
+    path: list[dict[str, Any]] = [{"step": 0, "layer": None, "rank": None, "predicted": 0.0,
+                                   "params_fraction": 1.0, "macs_fraction": 1.0}]
+    configs: list[dict[str, int]] = [{}]
+    while True:
+        best = None
+        for pos, l in enumerate(live):
+            cur = level[l.name]
+            top = len(l.cands) if cur is None else cur
+            for j in range(top):
+                saved = cost(l, cur) - cost(l, j)
+                if saved <= 0:
+                    continue
+                # least metric increase per unit saved; ties (a discrete metric such as top1 on few
+                # samples is often 0) by the rel_l2 increase per unit saved, then the larger saving
+                key = ((err[l.name][j] - cur_err(l)) / saved, (rel[l.name][j] - cur_err(l, rel)) / saved,
+                       -saved, pos, j)
+                if best is None or key < best[0]:
+                    best = (key, l, j)
+        if best is None:
+            break
+        _, l, j = best
+        level[l.name] = j
+        pe, params, macs = totals()
+        path.append({"step": len(path), "layer": l.name, "rank": l.cands[j].entry["rank"], "predicted": pe,
+                     "params_fraction": params / p_dense, "macs_fraction": macs / m_dense if m_dense else None})
+        configs.append({k: v for k, v in level.items() if v is not None})
+    measured: dict[int, float] = {0: 0.0}
+
+    def m(k: int) -> float:
+        if k not in measured:
+            measured[k] = evaluate(configs[k])
+            path[k]["measured"] = measured[k]
+        return measured[k]
+
+    frac_key = "macs_fraction" if tkind == "flops" else "params_fraction"
+    if tfrac is not None:
+        ok = [k for k, p in enumerate(path) if p[frac_key] <= tfrac + 1e-12]
+        if not ok:
+            closest = min(p[frac_key] for p in path)
+            raise PassOptionError(f"pass '{pass_name}': option 'target' {o.target!r} cannot be met: the lowest "
+                                  f"candidate ranks of the {len(layers)} selected layer(s) keep {closest:.3f} of "
+                                  f"their dense {tkind} (the closest reached); select more layers (layers=/"
+                                  f"exclude=), allow slower factors (min_speedup) or aim higher")
+        k = ok[0]
+        e = m(k)
+        if budget is not None and e > budget:
+            raise PassOptionError(f"pass '{pass_name}': options 'target' {o.target!r} and 'budget' {budget:g} cannot "
+                                  f"both be met: at the target the measured {metric_name} is {e:.4g} (predicted "
+                                  f"{path[k]['predicted']:.4g}); raise the budget or the target fraction")
+    else:
+        n = len(path) - 1
+        pred_ok = [k for k, p in enumerate(path) if p["predicted"] <= budget]
+        probe = max(pred_ok) if pred_ok else 0
+        probe = max(probe, 1) if n else 0
+        if probe == 0:
+            k = 0
+        else:
+            if m(probe) <= budget:
+                lo, hi = probe, n + 1
+            else:
+                lo, hi = 0, probe
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if m(mid) <= budget:
+                    lo = mid
+                else:
+                    hi = mid
+            k = lo
+    chosen = configs[k]
+    choice = {l.name: chosen.get(l.name) for l in layers}
+    art = {"metric": metric_name, "budget": budget, "target": o.target or None, "samples": num_samples(data),
+           "evaluations": evals, "chosen": {l.name: ("dense" if choice[l.name] is None else
+                                                       l.cands[choice[l.name]].entry["rank"]) for l in layers},
+           "step": k, "predicted_error": path[k]["predicted"], "measured_error": measured[k],
+           "params_fraction": path[k]["params_fraction"], "macs_fraction": path[k]["macs_fraction"],
+           "curves": curves, "path": path}
+    return choice, art
+
+
+#: appended to each low-rank pass's docstring (``nnsculpt passes --docs``)
+LOWRANK_DOC = """
+    **min_speedup** (every rank option): ``min_speedup=s`` rewrites a layer only when its factors
+    run at least ``s`` times as fast as the dense layer in ONNX Runtime on this machine
+    (``min_speedup=1.0``: never slower; default: no timing). Both are timed as tiny standalone
+    models (the layer's input shape from shape inference, the batch dim ``bench_batch`` (1), other
+    symbolic dims from the calibration data when given; ``threads`` (1) intra-op threads; warm-up,
+    then the median of interleaved short runs: tens of ms per layer) by
+    ``runtime.layer_timing``, cached per signature (ops, attributes, shapes, ORT version, threads,
+    CPU) in ``layer_timings.json`` under ``$NNSCULPT_CACHE_DIR`` / ``$XDG_CACHE_HOME/nnsculpt`` /
+    ``~/.cache/nnsculpt``, so a second run does not time again. Artifacts per layer:
+    ``dense_ms``, ``factored_ms``, ``speedup``, ``decision`` (``applied`` / ``skipped: slower
+    (x0.40)``); a skipped layer is noted. A layer whose input shape is not static is not timed
+    and left alone (noted). **The decision is machine-dependent** (CPU, ORT version, load on the
+    machine): the same model and options can give different graphs on different machines, or on
+    a busy one; the cache makes repeated runs on one machine agree.
+
+    **rank=auto** (implied by ``budget=`` or ``target=`` alone; needs calibration data):
+    per-layer sensitivity curves -- the error ``metric`` (``rel_l2`` default, ``max_rel``,
+    ``cosine``, ``top1``, ``iou@T``; ``runtime.metrics``) of the model's outputs vs the dense
+    model's, in ORT on the first ``budget_samples`` (64) calibration samples, with only that
+    layer factorized, at ``candidates`` (8) ranks spaced geometrically up to the largest rank
+    that is still smaller than the layer (Tucker: a common fraction of both modes' full ranks) --
+    then AIMET's greedy selection: from all dense, repeatedly lower the rank of the layer with
+    the least error increase (predicted: the sum of the layers' curve errors) per parameter
+    saved (per MAC with ``target=flops:F``). ``target=params:F`` / ``flops:F``: the first
+    configuration whose selected layers keep at most ``F`` of their dense weights / MACs (MACs at
+    the bench shape), then measured; with ``budget`` too, a measured error above it is an error.
+    ``budget`` alone: the most compressed configuration along that path whose *measured* error
+    is ``<= budget`` (a bisection on measured errors, starting from the last one predicted
+    within it; all dense when none is). With ``min_speedup``, candidates not fast enough are not
+    considered. Artifacts ``auto``: ``metric``, ``budget``, ``target``, ``samples``,
+    ``evaluations``, ``chosen`` (rank or ``dense`` per layer), ``curves`` (per layer: rank,
+    params, MACs, error), ``path`` (the greedy steps: predicted and, where evaluated, measured
+    error, params / MACs fraction), ``predicted_error``, ``measured_error``; metrics ``error``.
+    Named errors: rank=auto without budget / target, a ``target`` that cannot be met (the
+    closest fraction reached is said), target and budget that cannot both be met.
+    Deterministic for given calibration data (without ``min_speedup``).
+    """

@@ -3,6 +3,7 @@ vertical + horizontal (``spatial-svd``) and Tucker-2 (``tucker-conv``)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -11,9 +12,10 @@ import numpy as np
 
 from ..ir.analysis import infer_shapes
 from ..ir.graph import Graph, Node, Value
-from ._lowrank import (RankOptions, RankRule, auto_pad, check_layer_patterns, check_rank_possible, choose_rank,
-                       drop_if_unused, layer_name, parse_rank_options, plain_candidate, rel_err, replace_node,
-                       selected, svd, weight_array)
+from ._lowrank import (LOWRANK_DOC, Candidate, RankOptions, RankRule, auto_pad, auto_search, bench_shapes, candidate_ks,
+                       check_layer_patterns, check_rank_possible, choose_rank, drop_if_unused, layer_name,
+                       one_layer_graph, parse_rank_options, plain_candidate, prepare_candidates, rel_err,
+                       replace_node, selected, speed_check, speed_verdict, svd, timing_note, weight_array)
 from .base import Pass, PassContext, PassResult, register
 
 
@@ -45,6 +47,8 @@ class _ConvLowRank(Pass):
 
     exact = False
     requires = frozenset({"bn-folded"})
+    requirement_hints = {"calib-data": "rank=auto (budget= / target=) measures each layer's sensitivity on "
+                                       "calibration data: give --calib-data, or a fixed rank"}
     drift_hint = "a higher rank / energy, or recover with `nnsculpt distill --teacher INPUT`"
 
     @dataclass
@@ -55,6 +59,9 @@ class _ConvLowRank(Pass):
         super().__init__(**options)
         self.rule = parse_rank_options(self.name, self.options)
 
+    def requirements(self) -> frozenset[str]:
+        return frozenset(self.requires | ({"calib-data"} if self.rule.kind == "auto" else set()))
+
     # --------------------------------------------------------------- per-pass hooks
     def _check(self, g: Graph, c: _Conv) -> str | None:
         """Why this pass cannot factor ``c`` (None: it can)."""
@@ -63,9 +70,17 @@ class _ConvLowRank(Pass):
     def _full_rank(self, c: _Conv) -> int:
         raise NotImplementedError
 
-    def _factor(self, g: Graph, c: _Conv, ctx: PassContext) -> tuple[dict[str, Any], Callable[[], list[dict]]]:
-        """(report entry with rank / params / weight_rel_err, a function that adds the factors'
-        initializers and returns the replacement chain for :func:`replace_node`)."""
+    def _decompose(self, c: _Conv) -> Any:
+        """The SVD(s) of ``c``'s weight, computed once per layer."""
+        raise NotImplementedError
+
+    def _factor(self, c: _Conv, dec: Any, rule: RankRule) -> tuple[dict[str, Any], Callable[[Graph, _Conv], list[dict]]]:
+        """(report entry with rank / params / weight_rel_err, ``build(g, c)``: adds the factors'
+        initializers to ``g`` and returns the replacement chain for :func:`replace_node`)."""
+        raise NotImplementedError
+
+    def _candidates(self, c: _Conv) -> list[RankRule]:
+        """rank=auto: about ``candidates`` rank rules, increasing, each smaller than the dense layer."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------ run
@@ -92,11 +107,38 @@ class _ConvLowRank(Pass):
         if not convs:
             ctx.note("no convolution to factor")
             return PassResult(changed=False)
+        auto = self.rule.kind == "auto"
+        timed = o.min_speedup is not None
+        shapes = bench_shapes(graph, ctx.calib_data, o.bench_batch) if (auto or timed) else {}
+        decs = {c.node.name: self._decompose(c) for c in convs}
+        rules: dict[str, RankRule | None] = {c.node.name: self.rule for c in convs}
+        artifacts: dict[str, Any] = {}
+        if auto:
+            alayers = []
+            for c in convs:
+                cands = []
+                for rule in self._candidates(c):
+                    entry, build = self._factor(c, decs[c.node.name], rule)
+                    cands.append(Candidate(rule, entry, functools.partial(self._apply, c=c, build=build)))
+                alayers.append(prepare_candidates(self.name, graph, c.node, shapes, o, int(c.w.size), cands, ctx))
+            choice, artifacts["auto"] = auto_search(self.name, graph, ctx, o, alayers)
+            for lay in alayers:
+                idx = choice[lay.name]
+                rules[lay.name] = None if idx is None else lay.cands[idx].rule
         report: dict[str, dict[str, Any]] = {}
         p_before = p_after = 0
         changed = False
         for c in convs:
-            entry, build = self._factor(graph, c, ctx)
+            rule = rules[c.node.name]
+            if rule is None:   # rank=auto kept it dense
+                entry = {"source": c.node.source, "shape": list(c.w.shape), "rank": "dense",
+                         "params_before": int(c.w.size), "params_after": int(c.w.size), "weight_rel_err": 0.0,
+                         "applied": False, "decision": "kept dense by the rank search"}
+                report[c.node.name] = entry
+                p_before += entry["params_before"]
+                p_after += entry["params_before"]
+                continue
+            entry, build = self._factor(c, decs[c.node.name], rule)
             entry = {"source": c.node.source, "shape": list(c.w.shape), **entry}
             p_before += entry["params_before"]
             if self.rule.kind == "rank" and int(self.rule.value) > self._full_rank(c):
@@ -105,22 +147,58 @@ class _ConvLowRank(Pass):
             entry["applied"] = self.rule.kind == "full" or entry["params_after"] < entry["params_before"]
             report[c.node.name] = entry
             if not entry["applied"]:
+                entry["decision"] = "skipped: not smaller"
                 ctx.note(f"left Conv {layer_name(c.node)} alone: not smaller at rank {entry['rank']} "
                          f"({entry['params_after']} >= {entry['params_before']} params)")
                 p_after += entry["params_before"]
                 continue
+            if timed:
+                why = self._timing(graph, c, build, shapes, entry)
+                if why:
+                    entry["applied"] = False
+                    entry["decision"] = f"skipped: {why}"
+                    ctx.note(f"left Conv {layer_name(c.node)} alone: {why} at rank {entry['rank']}"
+                             + (f" ({timing_note(entry)}; min_speedup={o.min_speedup:g})" if "dense_ms" in entry
+                                else ""))
+                    p_after += entry["params_before"]
+                    continue
+            entry["decision"] = "applied"
             p_after += entry["params_after"]
-            old_w = c.node.input(1)
-            replace_node(graph, c.node, build(), self.name)
-            drop_if_unused(graph, old_w)
+            self._apply(graph, c, build)
             changed = True
         n_done = sum(1 for e in report.values() if e["applied"])
-        ctx.note(f"factored {n_done} of {len(report)} conv(s) ({self.rule.describe()}): weights "
-                 f"{p_before} -> {p_after} params")
-        return PassResult(changed=changed, artifacts={"layers": report},
-                          metrics={"factored": n_done, "params_before": p_before, "params_after": p_after})
+        how = self.rule.describe() if not auto else f"rank=auto, {o.metric}" + \
+            (f", budget {o.budget:g}" if o.budget is not None else "") + (f", target {o.target}" if o.target else "")
+        ctx.note(f"factored {n_done} of {len(report)} conv(s) ({how}"
+                 f"{f', min_speedup={o.min_speedup:g}' if timed else ''}): weights {p_before} -> {p_after} params")
+        metrics = {"factored": n_done, "params_before": p_before, "params_after": p_after}
+        if auto:
+            a = artifacts["auto"]
+            ctx.note(f"rank=auto: {a['evaluations']} evaluations on {a['samples']} sample(s); predicted "
+                     f"{a['metric']} {a['predicted_error']:.4g}, measured {a['measured_error']:.4g}")
+            metrics["error"] = a["measured_error"]
+        return PassResult(changed=changed, artifacts={"layers": report, **artifacts}, metrics=metrics)
 
     # ------------------------------------------------------------------- helpers
+    def _apply(self, g: Graph, c: _Conv, build: Callable[[Graph, _Conv], list[dict]]) -> None:
+        """Rewrite the conv named like ``c.node`` in ``g`` (the pass's graph, a copy, or a one-layer graph)."""
+        node = g.node_by_name(c.node.name)
+        c2 = _Conv(node, c.w, c.dtype, node.input(0), node.input(2))
+        old_w = node.input(1)
+        replace_node(g, node, build(g, c2), self.name)
+        drop_if_unused(g, old_w)
+
+    def _timing(self, graph: Graph, c: _Conv, build, shapes: dict[str, list[int]], entry: dict[str, Any]) -> str | None:
+        """min_speedup: time the layer and its factors; None when fast enough, else why not."""
+        shape = shapes.get(c.x.name)
+        dense = one_layer_graph(graph, c.node, shape) if shape is not None else None
+        if dense is None:
+            return "cannot time it (input shape not static beyond the batch dim)"
+        fac = dense.copy()
+        self._apply(fac, c, build)
+        entry.update(speed_check(self.options, dense, fac))
+        return speed_verdict(self.options, entry)
+
     def _init(self, g: Graph, name: str, arr: np.ndarray, dtype) -> Value:
         v = g.add_initializer(name, np.ascontiguousarray(arr).astype(dtype))
         v.meta["pass"] = self.name
@@ -192,19 +270,29 @@ class FactorizeConv(_ConvLowRank):
     def _full_rank(self, c: _Conv) -> int:
         return min(c.w.shape[0], math.prod(c.kernel))
 
-    def _factor(self, g, c, ctx):
+    def _decompose(self, c):
+        o, i = c.w.shape[:2]
+        mats = np.transpose(c.w.reshape(o, i, math.prod(c.kernel)), (1, 0, 2))   # (I, O, K)
+        return svd(mats)                                                           # (I,O,f) (I,f) (I,f,K)
+
+    def _candidates(self, c):
+        o, i = c.w.shape[:2]
+        kk = math.prod(c.kernel)
+        valid = [r for r in range(1, self._full_rank(c) + 1) if i * r * (kk + o) < o * i * kk]
+        return [RankRule("rank", k) for k in candidate_ks(valid, self.options.candidates)]
+
+    def _factor(self, c, dec, rule):
         w = c.w
         o, i = w.shape[:2]
         kk = math.prod(c.kernel)
-        mats = np.transpose(w.reshape(o, i, kk), (1, 0, 2))          # (I, O, K)
-        u, s, vt = svd(mats)                                          # (I,O,f) (I,f) (I,f,K)
-        r = choose_rank(self.rule, (s ** 2).sum(axis=0))
+        u, s, vt = dec
+        r = choose_rank(rule, (s ** 2).sum(axis=0))
         rs = np.sqrt(s[:, :r])
         dw = (vt[:, :r, :] * rs[:, :, None]).reshape((i * r, 1) + c.kernel)
         pw = np.transpose(u[:, :, :r] * rs[:, None, :], (1, 0, 2)).reshape(o, i * r)
         approx = np.einsum("oir,irk->oik", pw.reshape(o, i, r), dw.reshape(i, r, kk), optimize=True).reshape(w.shape)
         entry = _rank_params(c, r, i * r * kk + i * r * o, approx)
-        return entry, lambda: self._build_fc(g, c, dw, pw)
+        return entry, lambda g, cc: self._build_fc(g, cc, dw, pw)
 
     def _build_fc(self, g, c, dw, pw):
         o, i = c.w.shape[:2]
@@ -258,18 +346,26 @@ class SpatialSVD(_ConvLowRank):
         kh, kw = c.kernel
         return min(i * kh, o * kw)
 
-    def _factor(self, g, c, ctx):
+    def _decompose(self, c):
+        o, i, kh, kw = c.w.shape
+        return svd(np.transpose(c.w, (1, 2, 0, 3)).reshape(i * kh, o * kw))
+
+    def _candidates(self, c):
+        o, i, kh, kw = c.w.shape
+        valid = [r for r in range(1, self._full_rank(c) + 1) if r * (i * kh + o * kw) < o * i * kh * kw]
+        return [RankRule("rank", k) for k in candidate_ks(valid, self.options.candidates)]
+
+    def _factor(self, c, dec, rule):
         w = c.w
         o, i, kh, kw = w.shape
-        m = np.transpose(w, (1, 2, 0, 3)).reshape(i * kh, o * kw)
-        u, s, vt = svd(m)
-        r = choose_rank(self.rule, s ** 2)
+        u, s, vt = dec
+        r = choose_rank(rule, s ** 2)
         rs = np.sqrt(s[:r])
         v = (u[:, :r] * rs).T.reshape(r, i, kh)                      # V[r, i, y]
         h = np.transpose((rs[:, None] * vt[:r]).reshape(r, o, kw), (1, 0, 2))  # H[o, r, x]
         approx = np.einsum("riy,orx->oiyx", v, h, optimize=True)
         entry = _rank_params(c, r, r * (i * kh + o * kw), approx)
-        return entry, lambda: self._build(g, c, v, h)
+        return entry, lambda g, cc: self._build(g, cc, v, h)
 
     def _build(self, g, c, v, h):
         node = c.node
@@ -320,13 +416,31 @@ class TuckerConv(_ConvLowRank):
     def _full_rank(self, c):
         return max(self._fulls(c))
 
-    def _factor(self, g, c, ctx):
+    def _decompose(self, c):
+        o, i = c.w.shape[:2]
+        u0, s0, _ = svd(c.w.reshape(o, -1))
+        u1, s1, _ = svd(np.swapaxes(c.w, 0, 1).reshape(i, -1))
+        return u0, s0, u1, s1
+
+    def _candidates(self, c):
+        o, i = c.w.shape[:2]
+        kk = math.prod(c.kernel)
+        f0, f1 = self._fulls(c)
+        fm = max(f0, f1)
+        pairs: dict[tuple[int, int], int] = {}
+        for k in range(1, fm + 1):
+            rule = RankRule("rank_ratio", k / fm)
+            r0, r1 = choose_rank(rule, np.ones(f0)), choose_rank(rule, np.ones(f1))
+            if i * r1 + r0 * r1 * kk + r0 * o < o * i * kk:
+                pairs.setdefault((r0, r1), k)
+        ks = candidate_ks(list(pairs.values()), self.options.candidates)
+        return [RankRule("rank_ratio", k / fm) for k in ks]
+
+    def _factor(self, c, dec, rule):
         w = c.w
         o, i = w.shape[:2]
         kk = math.prod(c.kernel)
-        u0, s0, _ = svd(w.reshape(o, -1))
-        u1, s1, _ = svd(np.swapaxes(w, 0, 1).reshape(i, -1))
-        rule = self.rule
+        u0, s0, u1, s1 = dec
         if rule.kind == "max_error":
             rule = RankRule("max_error", rule.value / math.sqrt(2.0))
         r0, r1 = choose_rank(rule, s0 ** 2), choose_rank(rule, s1 ** 2)
@@ -336,7 +450,7 @@ class TuckerConv(_ConvLowRank):
         approx = (a0 @ np.matmul(a1, core).reshape(r0, -1)).reshape(w.shape)
         entry = _rank_params(c, r0, i * r1 + r0 * r1 * kk + r0 * o, approx)
         entry["rank"] = [r0, r1]
-        return entry, lambda: self._build(g, c, a0, a1, core)
+        return entry, lambda g, cc: self._build(g, cc, a0, a1, core)
 
     def _build(self, g, c, a0, a1, core):
         o, i = c.w.shape[:2]
@@ -353,6 +467,10 @@ class TuckerConv(_ConvLowRank):
                  dict(op="Conv", inputs=["prev", wout] + ([c.bias] if c.bias is not None else []),
                       name=f"{node.name}/tucker_out", source=f"{node.source}/tucker_out")]
         return chain
+
+
+for _cls in (FactorizeConv, SpatialSVD, TuckerConv):
+    _cls.__doc__ = (_cls.__doc__ or "").rstrip() + "\n" + LOWRANK_DOC
 
 
 # ------------------------------------------------------------------------- padding

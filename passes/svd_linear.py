@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import functools
+
 import numpy as np
 
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, Node
-from ._lowrank import (RankOptions, balanced_factors, check_layer_patterns, check_rank_possible, choose_rank,
-                       drop_if_unused, layer_name, parse_rank_options, plain_candidate, rel_err, replace_node,
-                       selected, svd, weight_array)
+from ._lowrank import (LOWRANK_DOC, Candidate, RankOptions, RankRule, auto_search, balanced_factors, bench_shapes, candidate_ks,
+                       check_layer_patterns, check_rank_possible, choose_rank, drop_if_unused, layer_name,
+                       one_layer_graph, parse_rank_options, plain_candidate, prepare_candidates, rel_err,
+                       replace_node, selected, speed_check, speed_verdict, svd, timing_note, weight_array)
 from .base import Pass, PassContext, PassResult, register
 
 _OPS = ("Gemm", "MatMul", "Conv")
@@ -79,15 +82,15 @@ class SVDLinear(Pass):
     name = "svd-linear"
     exact = False
     requires = frozenset({"bn-folded"})
-    requirement_hints = {"calib-data": "data_aware=true whitens by the input statistics of each layer: give "
-                                       "--calib-data, or drop data_aware"}
+    requirement_hints = {"calib-data": "data_aware=true whitens by the input statistics of each layer, rank=auto "
+                                       "(budget= / target=) measures each layer's sensitivity: give --calib-data, "
+                                       "or drop data_aware / give a fixed rank"}
     drift_hint = "a higher rank / energy (or data_aware=true), or recover with `nnsculpt distill --teacher INPUT`"
 
     @dataclass
     class Options(RankOptions):
         data_aware: bool = False
         ridge: float = 1e-6
-        batch_size: int = 16
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -97,7 +100,7 @@ class SVDLinear(Pass):
 
     def requirements(self) -> frozenset[str]:
         need = set(self.requires)
-        if self.options.data_aware:
+        if self.options.data_aware or self.rule.kind == "auto":
             need.add("calib-data")
         return frozenset(need)
 
@@ -127,25 +130,95 @@ class SVDLinear(Pass):
         moments: dict[str, np.ndarray] = {}
         if o.data_aware:
             moments = self._moments(graph, layers, ctx)
+        auto = self.rule.kind == "auto"
+        timed = o.min_speedup is not None
+        shapes = bench_shapes(graph, ctx.calib_data, o.bench_batch) if (auto or timed) else {}
+        decs = {lay.node.name: self._decompose(lay, moments.get(lay.node.input(0).name), ctx) for lay in layers}
+        rules: dict[str, RankRule | None] = {lay.node.name: self.rule for lay in layers}
+        artifacts: dict[str, Any] = {}
+        if auto:
+            alayers = []
+            for lay in layers:
+                cands = []
+                for rule in self._candidates(lay):
+                    entry, factors = self._factor(lay, decs[lay.node.name], rule, ctx)
+                    cands.append(Candidate(rule, entry, functools.partial(self._apply, lay=lay, factors=factors)))
+                alayers.append(prepare_candidates(self.name, graph, lay.node, shapes, o, int(lay.w.size), cands,
+                                                  ctx))
+            choice, artifacts["auto"] = auto_search(self.name, graph, ctx, o, alayers)
+            for al in alayers:
+                idx = choice[al.name]
+                rules[al.name] = None if idx is None else al.cands[idx].rule
 
         report: dict[str, dict[str, Any]] = {}
         changed = False
         p_before = p_after = 0
         for lay in layers:
-            entry, factors = self._factor(lay, moments.get(lay.node.input(0).name), ctx)
+            rule = rules[lay.node.name]
+            m, n = lay.w.shape
+            if rule is None:
+                report[lay.node.name] = {"op": lay.kind, "source": lay.node.source, "shape": [m, n],
+                                         "full_rank": min(m, n), "params_before": m * n, "rank": "dense",
+                                         "params_after": m * n, "weight_rel_err": 0.0, "applied": False,
+                                         "decision": "kept dense by the rank search"}
+                p_before += m * n
+                p_after += m * n
+                continue
+            if self.rule.kind == "rank" and int(self.rule.value) > min(m, n):
+                ctx.note(f"{layer_name(lay.node)}: rank={int(self.rule.value)} capped at its full rank {min(m, n)}")
+            entry, factors = self._factor(lay, decs[lay.node.name], rule, ctx)
             report[lay.node.name] = entry
             p_before += entry["params_before"]
+            if factors is not None and timed:
+                why = self._timing(graph, lay, factors, shapes, entry)
+                if why:
+                    entry["applied"] = False
+                    entry["decision"] = f"skipped: {why}"
+                    ctx.note(f"left {lay.kind} {layer_name(lay.node)} alone: {why} at rank {entry['rank']}"
+                             + (f" ({timing_note(entry)}; min_speedup={o.min_speedup:g})" if "dense_ms" in entry
+                                else ""))
+                    factors = None
             if factors is None:
                 p_after += entry["params_before"]
                 continue
+            entry["decision"] = "applied"
             p_after += entry["params_after"]
-            self._rewrite(graph, lay, *factors)
+            self._apply(graph, lay, factors)
             changed = True
         n_done = sum(1 for e in report.values() if e["applied"])
-        ctx.note(f"factored {n_done} of {len(report)} linear layer(s) ({self.rule.describe()}"
-                 f"{', data-aware' if o.data_aware else ''}): weights {p_before} -> {p_after} params")
-        return PassResult(changed=changed, artifacts={"layers": report},
-                          metrics={"factored": n_done, "params_before": p_before, "params_after": p_after})
+        how = self.rule.describe() if not auto else f"rank=auto, {o.metric}" + \
+            (f", budget {o.budget:g}" if o.budget is not None else "") + (f", target {o.target}" if o.target else "")
+        ctx.note(f"factored {n_done} of {len(report)} linear layer(s) ({how}"
+                 f"{', data-aware' if o.data_aware else ''}{f', min_speedup={o.min_speedup:g}' if timed else ''}): "
+                 f"weights {p_before} -> {p_after} params")
+        metrics = {"factored": n_done, "params_before": p_before, "params_after": p_after}
+        if auto:
+            a = artifacts["auto"]
+            ctx.note(f"rank=auto: {a['evaluations']} evaluations on {a['samples']} sample(s); predicted "
+                     f"{a['metric']} {a['predicted_error']:.4g}, measured {a['measured_error']:.4g}")
+            metrics["error"] = a["measured_error"]
+        return PassResult(changed=changed, artifacts={"layers": report, **artifacts}, metrics=metrics)
+
+    def _apply(self, g: Graph, lay: _Layer, factors: tuple[np.ndarray, np.ndarray]) -> None:
+        """Rewrite the layer named like ``lay.node`` in ``g`` (the pass's graph, a copy or a one-layer graph)."""
+        node = g.node_by_name(lay.node.name)
+        self._rewrite(g, _Layer(node, lay.w, lay.dtype, lay.kind), *factors)
+
+    def _timing(self, graph: Graph, lay: _Layer, factors, shapes: dict[str, list[int]],
+                entry: dict[str, Any]) -> str | None:
+        shape = shapes.get(lay.node.input(0).name)
+        dense = one_layer_graph(graph, lay.node, shape) if shape is not None else None
+        if dense is None:
+            return "cannot time it (input shape not static beyond the batch dim)"
+        fac = dense.copy()
+        self._apply(fac, lay, factors)
+        entry.update(speed_check(self.options, dense, fac))
+        return speed_verdict(self.options, entry)
+
+    def _candidates(self, lay: _Layer) -> list[RankRule]:
+        m, n = lay.w.shape
+        valid = [k for k in range(1, min(m, n) + 1) if k * (m + n) < m * n]
+        return [RankRule("rank", k) for k in candidate_ks(valid, self.options.candidates)]
 
     # ------------------------------------------------------------------------ helpers
     def _moments(self, graph: Graph, layers: list[_Layer], ctx: PassContext) -> dict[str, np.ndarray]:
@@ -165,39 +238,43 @@ class SVDLinear(Pass):
         return collect_second_moments(graph, names, ctx.calib_data, axis=axis, rows=rows,
                                       batch_size=self.options.batch_size, progress=False)
 
-    def _factor(self, lay: _Layer, cov: np.ndarray | None, ctx: PassContext):
+    def _decompose(self, lay: _Layer, cov: np.ndarray | None, ctx: PassContext) -> dict[str, Any]:
+        """The SVD of the layer's (whitened) weight, computed once."""
+        dec: dict[str, Any] = {"cov": cov, "chol": None, "ridge": 0.0}
+        if cov is not None:
+            dec["chol"], dec["ridge"] = _cholesky(cov, self.options.ridge)
+            if dec["ridge"]:
+                ctx.note(f"{layer_name(lay.node)}: input second moment not positive definite; added a ridge of "
+                         f"{dec['ridge']:g} x trace/in")
+            dec["svd"] = svd(dec["chol"].T @ lay.w)
+            dec["plain"] = svd(lay.w)
+        else:
+            dec["svd"] = svd(lay.w)
+        return dec
+
+    def _factor(self, lay: _Layer, dec: dict[str, Any], rule: RankRule, ctx: PassContext):
         """(report entry, (A, B) or None)."""
-        o = self.options
         w = lay.w
         m, n = w.shape
         full = min(m, n)
         entry: dict[str, Any] = {"op": lay.kind, "source": lay.node.source, "shape": [m, n], "full_rank": full,
                                  "params_before": m * n}
-        chol = None
-        if cov is not None:
-            chol, ridge = _cholesky(cov, o.ridge)
-            if ridge:
-                ctx.note(f"{layer_name(lay.node)}: input second moment not positive definite; added a ridge of "
-                         f"{ridge:g} x trace/in")
-                entry["ridge"] = ridge
-        if chol is not None:
-            u, s, vt = svd(chol.T @ w)
-        else:
-            u, s, vt = svd(w)
-        k = choose_rank(self.rule, s ** 2)
-        if self.rule.kind == "rank" and int(self.rule.value) > full:
-            ctx.note(f"{layer_name(lay.node)}: rank={int(self.rule.value)} capped at its full rank {full}")
+        cov, chol = dec["cov"], dec["chol"]
+        if dec["ridge"]:
+            entry["ridge"] = dec["ridge"]
+        u, s, vt = dec["svd"]
+        k = choose_rank(rule, s ** 2)
         a, b = balanced_factors(u, s, vt, k)
         if chol is not None:
             a = np.linalg.solve(chol.T, a)
         entry.update(rank=k, params_after=k * (m + n), weight_rel_err=rel_err(w, a @ b))
         if cov is not None:
             entry["output_rel_err"] = _out_err(cov, w, a @ b)
-            pu, ps, pvt = svd(w)
-            pa, pb = balanced_factors(pu, ps, pvt, k)
+            pa, pb = balanced_factors(*dec["plain"], k)
             entry["output_rel_err_plain"] = _out_err(cov, w, pa @ pb)
-        if self.rule.kind != "full" and k * (m + n) >= m * n:
+        if rule.kind != "full" and k * (m + n) >= m * n:
             entry["applied"] = False
+            entry["decision"] = "skipped: not smaller"
             ctx.note(f"left {lay.kind} {layer_name(lay.node)} alone: not smaller at rank {k} "
                      f"({k * (m + n)} >= {m * n} params)")
             return entry, None
@@ -243,6 +320,9 @@ class SVDLinear(Pass):
             v.meta["pass"] = self.name
         replace_node(g, node, chain, self.name)
         drop_if_unused(g, old_w)
+
+
+SVDLinear.__doc__ = (SVDLinear.__doc__ or "").rstrip() + "\n" + LOWRANK_DOC
 
 
 # ------------------------------------------------------------------------- analysis

@@ -405,7 +405,7 @@ def test_collect_second_moments_matches_numpy():
 # ================================================================ options and errors
 @pytest.mark.parametrize("name", ALL_PASSES)
 @pytest.mark.parametrize("spec,needle", [
-    ("rank=0", "'rank'"), ("rank=abc", "'rank'"), ("rank=auto", "not implemented"), ("energy=1.5", "'energy'"),
+    ("rank=0", "'rank'"), ("rank=abc", "'rank'"), ("rank=auto", "needs option .budget."), ("energy=1.5", "'energy'"),
     ("energy=0", "'energy'"), ("rank_ratio=0", "'rank_ratio'"), ("rank_ratio=1.2", "'rank_ratio'"),
     ("max_error=1", "'max_error'"), ("max_error=-0.1", "'max_error'"), ("rank=2,energy=0.9", "exclude each other"),
     ("layers=[fc]", "give one of"),
