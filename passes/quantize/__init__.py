@@ -137,7 +137,9 @@ class Quantize(Pass):
     exact = False
     requirement_hints = {"calib-data": "use quantize{mode=dynamic} or quantize{mode=weight-only} without data"}
     drift_hint = ("quantize{budget=0.01,metric=top1|cosine|rel_l2|iou@0.3} keeps the layers that cause it in "
-                  "float (the most FLOPs in integer kernels within the budget); calibration=mse|kl may help")
+                  "float (the most FLOPs in integer kernels within the budget); for transformers "
+                  "quantize{mode=dynamic} (activation scales per run; all-MiniLM-L6-v2: cosine 0.993 where static "
+                  "gives 0.78); calibration=mse|kl may help")
 
     @dataclass
     class Options:
