@@ -9,6 +9,7 @@ script only concatenates them, in a fixed order, under one header.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -28,7 +29,9 @@ def main() -> None:
     files = [ROOT / n for n in ORDER if (ROOT / n).exists()]
     files += sorted(p for p in ROOT.glob("*.md") if p.name not in ORDER)
     for p in files:
-        text = p.read_text().strip()
+        # a topic page may keep its raw results in a trailing ``<!-- results-json ... -->``
+        # comment (so a partial re-run can keep the other rows): not part of BENCHMARKS.md
+        text = re.sub(r"<!-- results-json.*?-->", "", p.read_text(), flags=re.S).strip()
         # demote the topic's own headings by one level under the global title
         lines, fence = [], False
         for line in text.splitlines():
