@@ -30,6 +30,7 @@ import numpy as np
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, Node, Value, mark_changed
 from ._util import const_of, is_default_domain, is_plain
+from .base import PassResult
 from .quantize.placement import matches
 
 #: 1e-12 relative: cumulative-energy comparisons are made with this slack (float64 round-off)
@@ -409,6 +410,33 @@ def timing_note(t: dict[str, Any]) -> str:
     return f"dense {t['dense_ms']:.4g} ms, factored {t['factored_ms']:.4g} ms in ORT"
 
 
+def skip_slow(ctx: Any, o: RankOptions, what: str, node: Node, why: str, entry: dict[str, Any]) -> None:
+    """Record in ``entry`` and note that the ``what`` layer ``node`` stays dense: ``why`` (min_speedup)."""
+    entry["applied"] = False
+    entry["decision"] = f"skipped: {why}"
+    ctx.note(f"left {what} {layer_name(node)} alone: {why} at rank {entry['rank']}"
+             + (f" ({timing_note(entry)}; min_speedup={o.min_speedup:g})" if "dense_ms" in entry else ""))
+
+
+def summarize(ctx: Any, o: RankOptions, rule: RankRule, report: dict[str, dict[str, Any]],
+              artifacts: dict[str, Any], p_before: int, p_after: int, *, what: str, changed: bool,
+              extra: str = "") -> PassResult:
+    """The run's closing notes, metrics and :class:`PassResult` (``what``: "conv(s)", ...;
+    ``extra``: text added to the rank description, e.g. ", data-aware")."""
+    n_done = sum(1 for e in report.values() if e["applied"])
+    how = rule.describe() if rule.kind != "auto" else f"rank=auto, {o.metric}" + \
+        (f", budget {o.budget:g}" if o.budget is not None else "") + (f", target {o.target}" if o.target else "")
+    timed = f", min_speedup={o.min_speedup:g}" if o.min_speedup is not None else ""
+    ctx.note(f"factored {n_done} of {len(report)} {what} ({how}{extra}{timed}): weights {p_before} -> {p_after} params")
+    metrics = {"factored": n_done, "params_before": p_before, "params_after": p_after}
+    if rule.kind == "auto":
+        a = artifacts["auto"]
+        ctx.note(f"rank=auto: {a['evaluations']} evaluations on {a['samples']} sample(s); predicted "
+                 f"{a['metric']} {a['predicted_error']:.4g}, measured {a['measured_error']:.4g}")
+        metrics["error"] = a["measured_error"]
+    return PassResult(changed=changed, artifacts={"layers": report, **artifacts}, metrics=metrics)
+
+
 @dataclass
 class Candidate:
     """One rank of one layer: ``apply(g)`` rewrites the layer (found by node name) in ``g``."""
@@ -549,7 +577,6 @@ def auto_search(pass_name: str, graph: Graph, ctx: Any, o: RankOptions,
                          [{"rank": "dense", "params": l.params, "macs": l.macs, "error": 0.0}]
     # 2. greedy path
     level: dict[str, int | None] = {l.name: None for l in live}
-    total_dense = sum(cost(l, None) for l in layers) or 1
 
     def cur_err(l: AutoLayer, table: dict[str, list[float]] = err) -> float:
         return 0.0 if level[l.name] is None else table[l.name][level[l.name]]

@@ -15,7 +15,8 @@ from ..ir.graph import Graph, Node, Value
 from ._lowrank import (LOWRANK_DOC, Candidate, RankOptions, RankRule, auto_pad, auto_search, bench_shapes, candidate_ks,
                        check_layer_patterns, check_rank_possible, choose_rank, drop_if_unused, layer_name,
                        one_layer_graph, parse_rank_options, plain_candidate, prepare_candidates, rel_err,
-                       replace_node, selected, speed_check, speed_verdict, svd, timing_note, weight_array)
+                       replace_node, selected, skip_slow, speed_check, speed_verdict, summarize, svd,
+                       weight_array)
 from .base import Pass, PassContext, PassResult, register
 
 
@@ -155,29 +156,14 @@ class _ConvLowRank(Pass):
             if timed:
                 why = self._timing(graph, c, build, shapes, entry)
                 if why:
-                    entry["applied"] = False
-                    entry["decision"] = f"skipped: {why}"
-                    ctx.note(f"left Conv {layer_name(c.node)} alone: {why} at rank {entry['rank']}"
-                             + (f" ({timing_note(entry)}; min_speedup={o.min_speedup:g})" if "dense_ms" in entry
-                                else ""))
+                    skip_slow(ctx, o, "Conv", c.node, why, entry)
                     p_after += entry["params_before"]
                     continue
             entry["decision"] = "applied"
             p_after += entry["params_after"]
             self._apply(graph, c, build)
             changed = True
-        n_done = sum(1 for e in report.values() if e["applied"])
-        how = self.rule.describe() if not auto else f"rank=auto, {o.metric}" + \
-            (f", budget {o.budget:g}" if o.budget is not None else "") + (f", target {o.target}" if o.target else "")
-        ctx.note(f"factored {n_done} of {len(report)} conv(s) ({how}"
-                 f"{f', min_speedup={o.min_speedup:g}' if timed else ''}): weights {p_before} -> {p_after} params")
-        metrics = {"factored": n_done, "params_before": p_before, "params_after": p_after}
-        if auto:
-            a = artifacts["auto"]
-            ctx.note(f"rank=auto: {a['evaluations']} evaluations on {a['samples']} sample(s); predicted "
-                     f"{a['metric']} {a['predicted_error']:.4g}, measured {a['measured_error']:.4g}")
-            metrics["error"] = a["measured_error"]
-        return PassResult(changed=changed, artifacts={"layers": report, **artifacts}, metrics=metrics)
+        return summarize(ctx, o, self.rule, report, artifacts, p_before, p_after, what="conv(s)", changed=changed)
 
     # ------------------------------------------------------------------- helpers
     def _apply(self, g: Graph, c: _Conv, build: Callable[[Graph, _Conv], list[dict]]) -> None:

@@ -14,7 +14,8 @@ from ..ir.graph import Graph, Node
 from ._lowrank import (LOWRANK_DOC, Candidate, RankOptions, RankRule, auto_search, balanced_factors, bench_shapes, candidate_ks,
                        check_layer_patterns, check_rank_possible, choose_rank, drop_if_unused, layer_name,
                        one_layer_graph, parse_rank_options, plain_candidate, prepare_candidates, rel_err,
-                       replace_node, selected, speed_check, speed_verdict, svd, timing_note, weight_array)
+                       replace_node, selected, skip_slow, speed_check, speed_verdict, summarize, svd,
+                       weight_array)
 from .base import Pass, PassContext, PassResult, register
 
 _OPS = ("Gemm", "MatMul", "Conv")
@@ -172,11 +173,7 @@ class SVDLinear(Pass):
             if factors is not None and timed:
                 why = self._timing(graph, lay, factors, shapes, entry)
                 if why:
-                    entry["applied"] = False
-                    entry["decision"] = f"skipped: {why}"
-                    ctx.note(f"left {lay.kind} {layer_name(lay.node)} alone: {why} at rank {entry['rank']}"
-                             + (f" ({timing_note(entry)}; min_speedup={o.min_speedup:g})" if "dense_ms" in entry
-                                else ""))
+                    skip_slow(ctx, o, lay.kind, lay.node, why, entry)
                     factors = None
             if factors is None:
                 p_after += entry["params_before"]
@@ -185,19 +182,8 @@ class SVDLinear(Pass):
             p_after += entry["params_after"]
             self._apply(graph, lay, factors)
             changed = True
-        n_done = sum(1 for e in report.values() if e["applied"])
-        how = self.rule.describe() if not auto else f"rank=auto, {o.metric}" + \
-            (f", budget {o.budget:g}" if o.budget is not None else "") + (f", target {o.target}" if o.target else "")
-        ctx.note(f"factored {n_done} of {len(report)} linear layer(s) ({how}"
-                 f"{', data-aware' if o.data_aware else ''}{f', min_speedup={o.min_speedup:g}' if timed else ''}): "
-                 f"weights {p_before} -> {p_after} params")
-        metrics = {"factored": n_done, "params_before": p_before, "params_after": p_after}
-        if auto:
-            a = artifacts["auto"]
-            ctx.note(f"rank=auto: {a['evaluations']} evaluations on {a['samples']} sample(s); predicted "
-                     f"{a['metric']} {a['predicted_error']:.4g}, measured {a['measured_error']:.4g}")
-            metrics["error"] = a["measured_error"]
-        return PassResult(changed=changed, artifacts={"layers": report, **artifacts}, metrics=metrics)
+        return summarize(ctx, o, self.rule, report, artifacts, p_before, p_after, what="linear layer(s)",
+                         changed=changed, extra=", data-aware" if o.data_aware else "")
 
     def _apply(self, g: Graph, lay: _Layer, factors: tuple[np.ndarray, np.ndarray]) -> None:
         """Rewrite the layer named like ``lay.node`` in ``g`` (the pass's graph, a copy or a one-layer graph)."""
