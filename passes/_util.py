@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..ir.errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -193,3 +194,21 @@ def broadcast_keeps_shape(x: Value, c: np.ndarray) -> bool:
         if not (isinstance(xd, int) and xd == cd):
             return False
     return True
+
+
+def raise_opset_for_fusion(graph: Graph, ctx: Any, *, allowed: bool, opset: int, op: str, chains: str,
+                           who: str) -> str | None:
+    """Raise ``graph`` to ``opset`` (``onnx.version_converter``) so that a fusion can write ``op``;
+    ``chains`` says what it found (``"3 GELU chain(s)"``) and ``allowed`` is the pass's
+    ``raise_opset`` option. Returns None when raised (noted), else the note saying why the chains
+    are left alone (the option, ``ctx.allow_opset_raise``, or the converter's refusal)."""
+    if not allowed or not ctx.allow_opset_raise:
+        why = "raise_opset=false" if not allowed else "allow_opset_raise=False"
+        return f"left alone {chains}: {op} needs opset {opset}, the graph is at opset {graph.opset} and {why}"
+    was = graph.opset
+    try:
+        graph.raise_opset(opset, who=who)
+    except UnsupportedOpError as e:
+        return f"left alone {chains}: {e}"
+    ctx.note(f"raised the opset from {was} to {opset} for {op} (onnx.version_converter)")
+    return None

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.analysis import infer_shapes
-from ..ir.errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 from .base import Pass, PassContext, PassResult, register
-from ._util import const_of, has_implicit_uses, is_graph_output, is_plain, rebuild_node
+from ._util import const_of, has_implicit_uses, is_graph_output, is_plain, raise_opset_for_fusion, rebuild_node
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -112,19 +111,12 @@ class FuseGelu(Pass):
         matches = self._find(graph)
         changed = False
         if matches and graph.opset < 20:
-            if not self.options.raise_opset or not ctx.allow_opset_raise:
-                why = "raise_opset=false" if not self.options.raise_opset else "allow_opset_raise=False"
-                ctx.note(f"left alone {len(matches)} GELU chain(s): Gelu needs opset 20, the graph is at opset "
-                         f"{graph.opset} and {why}")
-                return PassResult(changed=False, metrics={"fused": 0}, artifacts={"fused": []})
-            was = graph.opset
-            try:
-                graph.raise_opset(20, who=self.name)
-            except UnsupportedOpError as e:
-                ctx.note(f"left alone {len(matches)} GELU chain(s): {e}")
+            refused = raise_opset_for_fusion(graph, ctx, allowed=self.options.raise_opset, opset=20, op="Gelu",
+                                             chains=f"{len(matches)} GELU chain(s)", who=self.name)
+            if refused:
+                ctx.note(refused)
                 return PassResult(changed=False, metrics={"fused": 0}, artifacts={"fused": []})
             changed = True
-            ctx.note(f"raised the opset from {was} to 20 for Gelu (onnx.version_converter)")
             infer_shapes(graph)
             matches = self._find(graph)  # re-imported: new node objects
         fused = [self._rewrite(graph, m) for m in matches]

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.analysis import infer_shapes
-from ..ir.errors import UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 from .base import Pass, PassContext, PassResult, register
-from ._util import const_of, has_implicit_uses, is_graph_output, is_plain, rebuild_node
+from ._util import const_of, has_implicit_uses, is_graph_output, is_plain, raise_opset_for_fusion, rebuild_node
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 #: ops the search for the variance walks through, from the normalising Div/Mul backwards
@@ -316,23 +315,15 @@ class FuseLayerNorm(Pass):
         matches, notes = self._find(graph)
         changed = False
         if matches and graph.opset < 17:
-            if not self.options.raise_opset or not ctx.allow_opset_raise:
-                why = "raise_opset=false" if not self.options.raise_opset else "allow_opset_raise=False"
+            refused = raise_opset_for_fusion(graph, ctx, allowed=self.options.raise_opset, opset=17,
+                                             op="LayerNormalization", chains=f"{len(matches)} layer-norm chain(s)",
+                                             who=self.name)
+            if refused:
                 for n in notes:
                     ctx.note(n)
-                ctx.note(f"left alone {len(matches)} layer-norm chain(s): LayerNormalization needs opset 17, "
-                         f"the graph is at opset {graph.opset} and {why}")
-                return PassResult(changed=False, metrics={"fused": 0}, artifacts={"fused": []})
-            was = graph.opset
-            try:
-                graph.raise_opset(17, who=self.name)
-            except UnsupportedOpError as e:
-                for n in notes:
-                    ctx.note(n)
-                ctx.note(f"left alone {len(matches)} layer-norm chain(s): {e}")
+                ctx.note(refused)
                 return PassResult(changed=False, metrics={"fused": 0}, artifacts={"fused": []})
             changed = True
-            ctx.note(f"raised the opset from {was} to 17 for LayerNormalization (onnx.version_converter)")
             infer_shapes(graph)
             matches, notes = self._find(graph)  # the graph was re-imported: new node objects
         for n in notes:
