@@ -29,7 +29,7 @@ import numpy as np
 
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, Node, Value, mark_changed
-from ._util import const_of, is_default_domain, is_plain
+from ._util import const_of, is_default_domain, is_plain, last_within
 from .base import PassResult
 from .quantize.placement import matches
 
@@ -648,17 +648,7 @@ def auto_search(pass_name: str, graph: Graph, ctx: Any, o: RankOptions,
         if probe == 0:
             k = 0
         else:
-            if m(probe) <= budget:
-                lo, hi = probe, n + 1
-            else:
-                lo, hi = 0, probe
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if m(mid) <= budget:
-                    lo = mid
-                else:
-                    hi = mid
-            k = lo
+            k = last_within(m, probe, n + 1, budget) if m(probe) <= budget else last_within(m, 0, probe, budget)
     chosen = configs[k]
     choice = {l.name: chosen.get(l.name) for l in layers}
     art = {"metric": metric_name, "budget": budget, "target": o.target or None, "samples": num_samples(data),

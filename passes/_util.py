@@ -212,3 +212,16 @@ def raise_opset_for_fusion(graph: Graph, ctx: Any, *, allowed: bool, opset: int,
         return f"left alone {chains}: {e}"
     ctx.note(f"raised the opset from {was} to {opset} for {op} (onnx.version_converter)")
     return None
+
+
+def last_within(error, lo: int, hi: int, budget: float) -> int:
+    """Bisection for the largest ``k`` in ``[lo, hi)`` with ``error(k) <= budget``, assuming the
+    error grows with ``k``: ``lo`` is known to hold the budget, ``hi`` not to (or to be out of
+    range). ``error`` is called only at the probed points (the callers cache and record them)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if error(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo

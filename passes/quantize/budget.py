@@ -33,6 +33,7 @@ import numpy as np
 from ...ir.analysis import node_costs
 from ...ir.errors import InputDataError, PassOptionError
 from ...ir.graph import Graph, Node
+from .._util import last_within
 from .state import QuantRun
 from .table import spec_for
 
@@ -143,13 +144,8 @@ def search(graph: Graph, state: QuantRun, cands: list[Node], included: set[str],
             point(order[:k], errs[k], "bisect")
         return errs[k]
 
-    lo, hi = 0, len(order)       # prefix lo holds the budget (all float: error 0), hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if err_prefix(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
+    # prefix 0 holds the budget (all float: error 0), the full order does not
+    lo = last_within(err_prefix, 0, len(order), budget)
     chosen = list(order[:lo])
     err_final = errs[lo]
     rest = sorted(order[lo:], key=lambda n: (-flops[n], pos[n]))[: max(o.budget_tries, 0)]
