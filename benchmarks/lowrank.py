@@ -22,17 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
+from _bench import interleaved_median, single_thread_sessions
 from nnsculpt import models
 from nnsculpt.ir import from_onnx
 from nnsculpt.ir.analysis import graph_stats
 from nnsculpt.models.data import load_digits_dataset
-from nnsculpt.passes import PassContext, PassManager, parse_pipeline
-from nnsculpt.runtime import session, to_onnx
+from nnsculpt.passes import PassManager, parse_pipeline
+from nnsculpt.runtime import to_onnx
 from nnsculpt.runtime.distill import distill
 from nnsculpt.runtime.loading import load_graph
 
@@ -68,22 +68,9 @@ def conv_params(g) -> int:
 
 
 def latency(models_bytes: dict[str, bytes], X1, repeats: int, n: int) -> dict[str, float]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    sess = {k: ort.InferenceSession(b, sess_options=so, providers=["CPUExecutionProvider"])
-            for k, b in models_bytes.items()}
-    feed = {"input": X1}
-    for s in sess.values():
-        for _ in range(20):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {k: [] for k in sess}
-    for _ in range(repeats):
-        for k, s in sess.items():
-            t0 = time.perf_counter()
-            for _ in range(n):
-                s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) / n * 1e6)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    """Median µs per inference (1 thread, ``repeats`` interleaved rounds of ``n`` runs, 20 warm-up runs)."""
+    med = interleaved_median(single_thread_sessions(models_bytes), {"input": X1}, rounds=repeats, inner=n, warmup=20)
+    return {k: v * 1e6 for k, v in med.items()}
 
 
 def tltorch_model(base: torch.nn.Module, factorization: str, rank: float) -> torch.nn.Module:

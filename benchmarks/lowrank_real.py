@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from _bench import interleaved_median, single_thread_sessions  # noqa: E402
 from nnsculpt.ir import from_onnx  # noqa: E402
 from nnsculpt.ir.analysis import graph_stats  # noqa: E402
 from nnsculpt.passes import PassContext, PassManager, parse_pipeline  # noqa: E402
@@ -57,20 +58,8 @@ HELD_OUT_MODULES = ["asyncio", "socket", "ssl", "pickle", "copy", "random", "sta
 def latency(models: dict[str, bytes], feed: dict, repeats: int, n: int) -> dict[str, float]:
     """Median per-inference time (µs) over ``repeats`` interleaved rounds of ``n`` runs each
     (1 intra-op thread, one process)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    sess = {k: ort.InferenceSession(b, sess_options=so, providers=["CPUExecutionProvider"]) for k, b in models.items()}
-    for s in sess.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {k: [] for k in sess}
-    for _ in range(repeats):
-        for k, s in sess.items():
-            t0 = time.perf_counter()
-            for _ in range(n):
-                s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) / n * 1e6)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    med = interleaved_median(single_thread_sessions(models), feed, rounds=repeats, inner=n, warmup=3)
+    return {k: v * 1e6 for k, v in med.items()}
 
 
 def sess_of(b: bytes) -> ort.InferenceSession:

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench import interleaved_median  # noqa: E402
 from nnsculpt.ir import from_onnx, to_onnx_model  # noqa: E402
 from nnsculpt.passes import PassContext, PassManager, parse_pipeline  # noqa: E402
 from nnsculpt.runtime.integer_path import integer_fraction  # noqa: E402
@@ -382,17 +382,7 @@ def latency(case: Case, variants: list[Variant], runs: int, inner: int) -> float
     for v in variants:
         if v.path:
             sessions[v.name] = _session(v.path)
-    for s in sessions.values():
-        for _ in range(2):
-            s.run(None, feed)
-    times = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) / inner)
-    med = {k: statistics.median(t) for k, t in times.items()}
+    med = interleaved_median(sessions, feed, rounds=runs, inner=inner, warmup=2)
     for v in variants:
         if v.name in med:
             v.latency_ratio = med[v.name] / med["fp32"]

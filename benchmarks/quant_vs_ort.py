@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench import interleaved_median  # noqa: E402
 from nnsculpt.ir import from_onnx, to_onnx_model  # noqa: E402
 from nnsculpt.passes import PassContext, PassManager, parse_pipeline  # noqa: E402
 from nnsculpt.runtime.integer_path import integer_fraction  # noqa: E402
@@ -294,17 +294,7 @@ def latency(case: Case, results: list[Result], runs: int, inner: int) -> float:
     for r in results:
         if r.ok:
             sessions[r.variant] = _session(r.path)
-    times = {k: [] for k in sessions}
-    for s in sessions.values():  # warm-up
-        for _ in range(3):
-            s.run(None, feed)
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) / inner)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_median(sessions, feed, rounds=runs, inner=inner, warmup=3)
     for r in results:
         if r.variant in med:
             r.latency_ms = med[r.variant] * 1e3
