@@ -29,7 +29,7 @@ import numpy as np
 
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, Node, Value, mark_changed
-from ._util import const_of, is_default_domain, is_plain, last_within
+from ._util import const_of, exactly_one_option, is_default_domain, is_plain, last_within
 from .base import PassResult
 from .quantize.placement import matches
 
@@ -77,6 +77,10 @@ class RankRule:
         return f"{self.kind}={self.value:g}"
 
 
+#: the mutually exclusive ways to give a rank
+_RANK_OPTIONS = ("rank", "rank_ratio", "energy", "max_error")
+
+
 def parse_rank_options(pass_name: str, o: RankOptions) -> RankRule:
     """Check the rank options of ``o`` (exactly one given, each in range) and return the rule;
     a :class:`PassOptionError` names the pass and the option otherwise."""
@@ -85,7 +89,7 @@ def parse_rank_options(pass_name: str, o: RankOptions) -> RankRule:
         return PassOptionError(f"pass '{pass_name}': option '{opt}' has bad value {getattr(o, opt)!r}: {why}")
 
     _check_common(pass_name, o, bad)
-    given = [k for k in ("rank", "rank_ratio", "energy", "max_error") if getattr(o, k) not in (None, "")]
+    given = [k for k in _RANK_OPTIONS if getattr(o, k) not in (None, "")]
     searched = [k for k in ("budget", "target") if getattr(o, k) not in (None, "")]
     is_auto = str(o.rank).strip().lower() == "auto"
     if searched and not is_auto:
@@ -101,13 +105,7 @@ def parse_rank_options(pass_name: str, o: RankOptions) -> RankRule:
             raise bad("rank", "rank=auto needs option 'budget' (the largest error allowed on the calibration data, "
                               "by 'metric') or 'target' (params:0.5 or flops:0.5), or both")
         return RankRule("auto")
-    if not given:
-        raise PassOptionError(f"pass '{pass_name}': give one of the options 'rank', 'rank_ratio', 'energy' or "
-                              f"'max_error' (e.g. {pass_name}{{rank_ratio=0.5}})")
-    if len(given) > 1:
-        raise PassOptionError(f"pass '{pass_name}': options {' and '.join(repr(k) for k in given)} exclude each "
-                              f"other: give only one")
-    k = given[0]
+    k = exactly_one_option(pass_name, o, _RANK_OPTIONS, f"{pass_name}{{rank_ratio=0.5}}")
     if k == "rank":
         s = str(o.rank).strip().lower()
         if s == "full":

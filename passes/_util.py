@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..ir.errors import UnsupportedOpError
+from ..ir.errors import PassOptionError, UnsupportedOpError
 from ..ir.graph import Graph, Node, Value
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -225,3 +225,17 @@ def last_within(error, lo: int, hi: int, budget: float) -> int:
         else:
             hi = mid
     return lo
+
+
+def exactly_one_option(pass_name: str, options: Any, names: Sequence[str], example: str) -> str:
+    """The one of the mutually exclusive options ``names`` that is set on ``options`` (not None
+    or ""); :class:`PassOptionError` naming the pass when none or several are (``example``: a
+    spelling to suggest, e.g. ``prune-weights{sparsity=0.9}``)."""
+    given = [k for k in names if getattr(options, k) not in (None, "")]
+    if not given:
+        listed = ", ".join(repr(k) for k in names[:-1]) + f" or {names[-1]!r}"
+        raise PassOptionError(f"pass '{pass_name}': give one of the options {listed} (e.g. {example})")
+    if len(given) > 1:
+        raise PassOptionError(f"pass '{pass_name}': options {' and '.join(repr(k) for k in given)} exclude each "
+                              f"other: give only one")
+    return given[0]

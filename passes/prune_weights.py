@@ -11,6 +11,7 @@ import numpy as np
 
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, Node, Value
+from ._util import exactly_one_option
 from .base import Pass, PassContext, PassResult, register
 
 #: ops whose constant weight this pass prunes
@@ -90,13 +91,7 @@ class PruneWeights(Pass):
             return PassOptionError(f"pass '{self.name}': option '{opt}' has bad value "
                                    f"{getattr(o, opt)!r}: {why}")
 
-        given = [k for k in ("sparsity", "threshold", "pattern") if getattr(o, k) not in (None, "")]
-        if not given:
-            raise PassOptionError(f"pass '{self.name}': give one of the options 'sparsity', "
-                                  f"'threshold' or 'pattern' (e.g. prune-weights{{sparsity=0.9}})")
-        if len(given) > 1:
-            raise PassOptionError(f"pass '{self.name}': options {' and '.join(repr(k) for k in given)} "
-                                  f"exclude each other: give only one")
+        exactly_one_option(self.name, o, ("sparsity", "threshold", "pattern"), "prune-weights{sparsity=0.9}")
         if o.sparsity is not None and not (0.0 <= o.sparsity < 1.0):
             raise bad("sparsity", "must be in [0, 1)")
         if o.threshold is not None and o.threshold < 0:
