@@ -56,3 +56,8 @@ class RequirementError(NNSculptError):
 
 class DriftError(NumericsError):
     """A lossy pass moved the outputs further than the user allowed (``--max-drift``)."""
+
+
+class PackError(NNSculptError):
+    """An nnsculpt container (``nnsculpt pack``) cannot be unpacked: not a container, truncated,
+    or corrupted (checksum mismatch); the message names the file and the problem."""

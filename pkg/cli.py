@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.distill import add_cli as add_distill_cli
 
     add_distill_cli(sub)
+    from .runtime.pack import add_cli as add_pack_cli
+
+    add_pack_cli(sub)
 
     s = sub.add_parser("passes", help="list registered passes with options")
     s.add_argument("--docs", dest="verbose_docs", action="store_true", help="print full docstrings")
@@ -362,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+    except BrokenPipeError:  # pragma: no cover - `nnsculpt ... | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

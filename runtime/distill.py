@@ -625,6 +625,100 @@ def _apply_masks(masks, grads: bool = False) -> None:
                 p.mul_(m)
 
 
+def _codebook_hooks(module: nn.Module, graph, *, pin_zero: bool) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Codebook fine-tuning (cluster-weights): every trainable parameter whose initializer is the
+    data of a ``Gather`` with computed indices is a codebook. Its gradient -- autograd sums the
+    gradients of all weights that share a centroid -- is divided by the number of weights sharing
+    it (the mean, so ordinary learning rates work; Han et al. sum and lower the rate instead); with
+    ``pin_zero`` centroids that are exactly 0 (a pruned layer's zeros) get no gradient and are
+    reset to 0 after every step. Returns ``(parameter, zero mask)`` pairs."""
+    from ..passes.fold_constants import FoldConstants
+    from .torch_lowering import PARAM_MAP_ATTR
+
+    pmap = getattr(module, PARAM_MAP_ATTR, {})
+    params = dict(module.named_parameters())
+    books: dict[str, tuple[str, str]] = {}  # qualified param -> (codebook initializer, indices value)
+    for qual, bind in pmap.items():
+        init = graph.initializers.get(bind.initializer)
+        if qual not in params or bind.kind != "parameter" or init is None or bind.transforms:
+            continue
+        for n, i in init.uses:
+            if n.op_type == "Gather" and i == 0 and int(n.attrs.get("axis", 0)) == 0 and n.input(1) is not None \
+                    and not n.input(1).is_const:
+                books[qual] = (init.name, n.input(1).name)
+                break
+    if not books:
+        return []
+    folded = graph.copy()  # evaluate the index chains (codes -> unpack -> Cast -> offsets)
+    FoldConstants(keep_weight_decompression=False, max_elements=1 << 31, skip_ops=["Gather"])(folded)
+    out = []
+    for qual, (_book, idx_name) in books.items():
+        v = next((x for x in folded.iter_values() if x.name == idx_name), None)
+        if v is None or v.const is None:
+            continue
+        p = params[qual]
+        counts = np.bincount(np.asarray(v.const, np.int64).reshape(-1), minlength=p.shape[0])[:p.shape[0]]
+        scale = torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=p.dtype)
+        zero = (p.detach() == 0) if pin_zero else torch.zeros_like(p, dtype=torch.bool)
+        if zero.dim() > 1:  # product-quantization codebooks (k, d): masks of rank >= 2 are kept already
+            zero = torch.zeros_like(zero)
+        scale = scale.reshape((-1,) + (1,) * (p.dim() - 1))
+        keep = (~zero).to(p.dtype)
+        p.register_hook(lambda g, s=scale, k=keep: g * s.to(g.device) * k.to(g.device))
+        out.append((p, zero))
+    return out
+
+
+def _pin_codebook_zeros(books) -> None:
+    with torch.no_grad():
+        for p, zero in books:
+            if bool(zero.any()):
+                p.masked_fill_(zero.to(p.device), 0.0)
+
+
+def _binary_weights(module: nn.Module, min_row: int = 8) -> list[dict[str, Any]]:
+    """Weights (rank >= 2, output channel on dim 0 as torch lays out Conv / Linear weights) that are binary
+    or ternary per output channel -- every non-zero of a row has one magnitude (binarize-weights) and a
+    row has at least ``min_row`` elements -- for training with the straight-through estimator: the
+    forward / backward use the binarized weight, the optimizer updates a latent float copy (initialized
+    to the binarized values), which is binarized again after every step (binary: ``mean|w| * sign(w)``
+    per row; ternary: TWN's rule with threshold 0.7)."""
+    out = []
+    for _name, p in module.named_parameters():
+        if p.dim() < 2 or p.shape[0] < 1 or p[0].numel() < min_row:
+            continue
+        rows = p.detach().reshape(p.shape[0], -1).abs().double()
+        mx = rows.max(dim=1).values
+        if not bool((mx > 0).all()):
+            continue
+        nz = rows > 0
+        same = ((rows - mx[:, None]).abs() <= 1e-6 * mx[:, None]) | ~nz
+        if not bool(same.all()):
+            continue
+        ternary = bool((~nz).any())
+        out.append({"param": p, "ternary": ternary, "latent": p.detach().clone()})
+    return out
+
+
+def _ste_restore_latent(ste) -> None:
+    """Before the optimizer step: the parameters hold the latent weights again (their .grad is the
+    gradient w.r.t. the binarized ones: the straight-through estimator)."""
+    with torch.no_grad():
+        for s in ste:
+            s["param"].copy_(s["latent"])
+
+
+def _ste_requantize(ste) -> None:
+    from ..passes.binarize_weights import binarize
+
+    with torch.no_grad():
+        for s in ste:
+            p = s["param"]
+            s["latent"].copy_(p)
+            q = binarize(p.detach().cpu().numpy(), 0, ternary=s["ternary"])
+            p.copy_(torch.as_tensor(q, device=p.device))
+
+
 # ========================================================================= evaluate
 @torch.no_grad()
 def _evaluate(module: nn.Module, val: _Data, device: torch.device) -> tuple[int, int]:
@@ -841,6 +935,14 @@ def _distill(student, teacher, data, cfg: DistillConfig, *, d: _Dist, dev, val_d
     if masks:
         log.info("keeping %d pruning masks (%d zero weights)", len(masks),
                  sum(int((m == 0).sum()) for _, m in masks.values()))
+    books = _codebook_hooks(module, graph, pin_zero=keep_masks) if graph is not None else []
+    if books:
+        log.info("fine-tuning %d codebook(s); codes fixed", len(books))
+    ste = _binary_weights(module)
+    if ste:
+        log.info("training %d binary / ternary weight(s) with the straight-through estimator", len(ste))
+        # a ternary weight's zeros are re-chosen by its threshold every step, not pruning masks
+        masks = {k: v for k, v in masks.items() if not any(v[0] is s["param"] for s in ste)}
 
     t_feats = _TeacherFeatures(teachers[0].module, list(hints.values())) if hints else None
     wrapper = _Student(module, list(hints.keys()))
@@ -908,10 +1010,16 @@ def _distill(student, teacher, data, cfg: DistillConfig, *, d: _Dist, dev, val_d
                     loss.backward()
                     if masks:
                         _apply_masks(masks, grads=True)
+                    if ste:
+                        _ste_restore_latent(ste)
                     opt.step()
                     sched.step()
                     if masks:
                         _apply_masks(masks)
+                    if books:
+                        _pin_codebook_zeros(books)
+                    if ste:
+                        _ste_requantize(ste)
                     n = len(logits)
                     ref = y if y is not None else p_t.argmax(-1)
                     loss_sum += float(loss.detach()) * n

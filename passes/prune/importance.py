@@ -160,8 +160,9 @@ def taylor(deps: ChannelDeps, groups: list[DepGroup], graph: Graph, calib: dict[
 
 
 def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, max_samples: int = 256,
-                    batch_size: int = 32) -> dict[str, np.ndarray]:
-    """``|w * dL/dw|`` accumulated over the calibration batches, per initializer (in the
+                    batch_size: int = 32, stat: str = "taylor") -> dict[str, np.ndarray]:
+    """``|w * dL/dw|`` (``stat="taylor"``) or ``(dL/dw)^2`` (``stat="fisher"``, the empirical Fisher
+    diagonal of sensitive k-means) accumulated over the calibration batches, per initializer (in the
     initializer's layout). Gradients come from the torch lowering of the graph."""
     import torch
     import torch.nn.functional as F
@@ -176,6 +177,7 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
         t.grad = None
     names = [v.name for v in graph.inputs]
     lab = None if labels is None else np.asarray(labels)
+    fisher: dict[int, "torch.Tensor"] = {}
     for s, chunk in _chunks(calib, names, max_samples, batch_size):
         xs = [torch.as_tensor(np.ascontiguousarray(chunk[k])) for k in names]
         out = module(*xs)
@@ -187,17 +189,30 @@ def taylor_products(graph: Graph, calib: dict[str, np.ndarray], *, labels=None, 
         else:
             loss = 0.5 * (y.float() ** 2).mean() * y.shape[0]
         loss.backward()
+        if stat == "fisher":
+            for t in params.values():
+                if t.grad is not None:
+                    fisher[id(t)] = fisher.get(id(t), 0) + t.grad.detach().double() ** 2
+                    t.grad = None
     prods: dict[str, np.ndarray] = {}
     for qual, bind in pmap.items():
         t = params.get(qual)
-        if t is None or t.grad is None or bind.kind != "parameter":
+        if t is None or bind.kind != "parameter" or (t.grad is None and id(t) not in fisher):
+            continue
+        init = graph.initializers.get(bind.initializer)
+        if init is None:
+            continue
+        if stat == "fisher":
+            # the squared gradient w.r.t. the initializer: transforms are transposes / reshapes / a scale
+            # s (d/dinit = s * d/dtorch), so undo the layout and multiply by s^2
+            g2 = fisher[id(t)].cpu().numpy()
+            scale = float(np.prod([st[1] for st in bind.transforms if st[0] == "scale"] or [1.0]))
+            arr = bind.to_initializer(g2, tuple(init.const.shape), undo_scale=False) * scale ** 2
+            prods[bind.initializer] = prods.get(bind.initializer, 0) + arr
             continue
         w = t.detach().cpu().numpy().astype(np.float64)
         g = t.grad.detach().cpu().numpy().astype(np.float64)
         prod = w * g
-        init = graph.initializers.get(bind.initializer)
-        if init is None:
-            continue
         # back to the initializer layout (scales cancel in w * g)
         prod = bind.to_initializer(prod, tuple(init.const.shape), undo_scale=False)
         prods[bind.initializer] = prods.get(bind.initializer, 0) + np.abs(prod)
