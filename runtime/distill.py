@@ -983,6 +983,22 @@ def _distill(student, teacher, data, cfg: DistillConfig, *, d: _Dist, dev, val_d
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
             best_val, best_epoch, best_state = -math.inf, None, None
+
+            def score() -> float:
+                if eval_fn is not None:
+                    was = module.training
+                    module.eval()
+                    with torch.no_grad():
+                        v = float(eval_fn(module))
+                    module.train(was)
+                    return _all_reduce_sum([v], d)[0] / d.world
+                c, n_ = _all_reduce_sum(list(_evaluate(module, val, dev)), d)
+                return c / max(n_, 1)
+
+            if best_checkpoint and (eval_fn is not None or val is not None):
+                # the starting weights compete too: training that only makes the model worse on the
+                # validation data gives back what it was given (epoch 0), and says so
+                best_val, best_epoch, best_state = score(), 0, _snapshot(module)
             for epoch in range(epochs):
                 t0 = time.perf_counter()
                 train.set_epoch(epoch)
@@ -1041,16 +1057,7 @@ def _distill(student, teacher, data, cfg: DistillConfig, *, d: _Dist, dev, val_d
                 # identical weights *and* BN statistics on every rank before evaluating
                 _broadcast_module(module, d)
                 if eval_fn is not None or val is not None:
-                    if eval_fn is not None:
-                        was = module.training
-                        module.eval()
-                        with torch.no_grad():
-                            v = float(eval_fn(module))
-                        module.train(was)
-                        v = _all_reduce_sum([v], d)[0] / d.world
-                    else:
-                        c, n_ = _all_reduce_sum(list(_evaluate(module, val, dev)), d)
-                        v = c / max(n_, 1)
+                    v = score()
                     rec["val_acc"] = v
                     if v >= best_val:
                         best_val, best_epoch = v, epoch + 1
@@ -1070,7 +1077,11 @@ def _distill(student, teacher, data, cfg: DistillConfig, *, d: _Dist, dev, val_d
                     on_epoch_end(dict(rec))
             if best_checkpoint and best_state is not None:
                 module.load_state_dict(best_state)
-                log.info("restored the weights of epoch %s (val %.4f)", best_epoch, best_val)
+                if best_epoch == 0:
+                    log.warning("no epoch improved on the starting weights (val %.4f): kept them -- try a lower "
+                                "--lr (BatchNorm-folded students need about 1e-4 with adam)", best_val)
+                else:
+                    log.info("restored the weights of epoch %s (val %.4f)", best_epoch, best_val)
     finally:
         wrapper.remove_hooks()
         if t_feats is not None:

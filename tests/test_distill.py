@@ -171,7 +171,8 @@ def test_distill_keeps_pruning_masks(digits, teacher):
 
 def test_best_checkpoint_restores_best_epoch(digits, teacher):
     train, _ = digits
-    scores, snaps = iter([0.2, 0.9, 0.5]), []
+    # the first score is the starting weights' (epoch 0), then one per epoch
+    scores, snaps = iter([0.1, 0.2, 0.9, 0.5]), []
 
     def eval_fn(m):
         snaps.append(state(m))
@@ -179,12 +180,25 @@ def test_best_checkpoint_restores_best_epoch(digits, teacher):
 
     out = distill(small_student(), teacher, train, epochs=3, eval_fn=eval_fn, progress=False)
     final = state(out)
-    assert all(torch.equal(final[k], snaps[1][k]) for k in final)  # epoch 2 had the best score
-    assert any(not torch.equal(final[k], snaps[2][k]) for k in final)
+    assert all(torch.equal(final[k], snaps[2][k]) for k in final)  # epoch 2 had the best score
+    assert any(not torch.equal(final[k], snaps[3][k]) for k in final)
     scores, snaps = iter([0.2, 0.9, 0.5]), []
     out = distill(small_student(), teacher, train, epochs=3, eval_fn=eval_fn, progress=False,
                   best_checkpoint=False)
     assert all(torch.equal(v, snaps[2][k]) for k, v in state(out).items())
+
+
+def test_training_that_only_hurts_gives_back_the_starting_weights(digits, teacher, caplog):
+    """No epoch beats the starting weights on the validation score: distill returns them unchanged
+    and warns (a too-high learning rate on a BatchNorm-folded student must not silently ruin it)."""
+    train, _ = digits
+    scores = iter([0.9, 0.5, 0.4])
+    s = small_student()
+    start = state(s)
+    with caplog.at_level("WARNING", logger="nnsculpt.distill"):
+        out = distill(s, teacher, train, epochs=2, eval_fn=lambda m: next(scores), progress=False)
+    assert all(torch.equal(v, start[k]) for k, v in state(out).items())
+    assert "no epoch improved on the starting weights" in caplog.text
 
 
 def test_hints_with_adapters(digits, teacher):
