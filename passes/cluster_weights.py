@@ -3,6 +3,7 @@ ONNX files that run in plain ONNX Runtime."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from .base import Pass, PassContext, PassResult, register
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 #: more points than this are reduced to weighted bins of a fine grid before 1-D k-means
 _MAX_POINTS = 1 << 16
+#: the fraction of exact zeros from which ``pin_zero`` gives them a centroid of their own (a pruned layer)
+PIN_ZERO_MIN = 0.05
 #: product quantization fits its codebook on at most this many sub-vectors (all are then assigned)
 _MAX_PQ_FIT = 1 << 15
 
@@ -63,14 +66,26 @@ class ClusterWeights(Pass):
       int8 codes (per tensor, or per output channel when each group is uniform on its own) so
       integer kernels apply to it.
 
-    Weights that are exactly zero (a pruned layer) keep a pinned zero centroid: they stay zero
-    and the other ``k - 1`` centroids cluster the non-zero weights (``pin_zero=false``: zeros are
-    clustered like any weight). Sensitive k-means (``weighting=``): ``activation`` weights each
+    Weights that are exactly zero in a pruned layer (at least 5 % of a codebook's weights) keep a
+    pinned zero centroid: they stay zero and the other ``k - 1`` centroids cluster the non-zero
+    weights (``pin_zero=false``, or fewer zeros: zeros are clustered like any weight). Sensitive
+    k-means (``weighting=``): ``activation`` weights each
     element by the energy ``E[x^2]`` of the input channel it multiplies on the calibration data
     (ORT); ``fisher`` by its squared gradient ``(dL/dw)^2`` summed over calibration batches of 8
     (torch lowering; ``L`` = cross entropy against the model's own top-1 for a 2-D output,
     ``0.5 * mean(y^2)`` otherwise). For ``mode=pq`` the weighting is per input dimension
     (activation) or per element (fisher, averaged over the rows).
+
+    **Output-aware centroids** (``refit=``, needs calibration data; ``mode=scalar``): k-means chooses
+    the assignments, then the centroid values are re-solved to minimize the layer's output error on
+    up to ``refit_rows`` sampled rows of its input (im2col patches of a ``group=1`` Conv, the input
+    vectors of Gemm / MatMul): per codebook a k x k least-squares problem with the codes fixed
+    (pinned zeros stay 0). ``refit=output`` takes each layer's input from the float model;
+    ``refit=sequential`` takes it from the model with the layers before it clustered already and
+    fits the float model's outputs of the layer, so each layer corrects the error of the ones
+    before (the idea of GPTQ / AdaRound's sequential mode, for codebooks). The artifacts give
+    ``calib_output_rel_err_kmeans`` and ``calib_output_rel_err`` per layer. Depthwise / grouped
+    convs and ConvTranspose keep their k-means centroids (noted).
 
     In the torch lowering the codebook is a trainable parameter and the codes a buffer, so
     ``nnsculpt distill`` fine-tunes the centroids with the gradients of all weights sharing them
@@ -110,6 +125,8 @@ class ClusterWeights(Pass):
         exclude: list[str] = field(default_factory=list)
         min_elements: int = 2048
         pin_zero: bool = True
+        refit: Literal["none", "output", "sequential"] = "none"
+        refit_rows: int = 2048
         pack: bool = True
         max_iter: int = 300
         batch_size: int = 16
@@ -132,12 +149,16 @@ class ClusterWeights(Pass):
         unknown = [x for x in o.ops if x not in _WEIGHT_INPUT]
         if unknown:
             raise bad("ops", f"{unknown[0]!r} is not one of {sorted(_WEIGHT_INPUT)}")
+        if o.refit_rows < 16:
+            raise bad("refit_rows", "must be >= 16")
+        if o.mode == "pq" and o.refit != "none":
+            raise bad("refit", "refit refits scalar codebooks (mode=scalar)")
         if o.mode == "pq" and o.granularity != "per-tensor":
             raise bad("granularity", "mode=pq clusters the sub-vectors of a whole layer: use granularity=per-tensor")
 
     def requirements(self) -> frozenset[str]:
         need = set(self.requires)
-        if self.options.weighting != "none":
+        if self.options.weighting != "none" or self.options.refit != "none":
             need.add("calib-data")
         return frozenset(need)
 
@@ -150,6 +171,12 @@ class ClusterWeights(Pass):
             ctx.note("no weight to cluster")
             return PassResult(changed=False)
         importance = self._importance(graph, layers, ctx)
+        # refit=output: rows of each layer's input in the float model; sequential: also the float outputs,
+        # and each layer's input is re-collected from the graph with the layers before it clustered
+        rows = layer_input_rows(graph, layers, ctx, o.refit_rows, o.batch_size) if o.refit != "none" else {}
+        targets = {name: r @ _matrix(np.moveaxis(lay.w, lay.out_axis, 0)).astype(np.float64)
+                   for lay in layers for name, r in rows.items() if name == lay.node.name} \
+            if o.refit == "sequential" else {}
         report: dict[str, dict[str, Any]] = {}
         before = after = 0
         changed = False
@@ -158,7 +185,13 @@ class ClusterWeights(Pass):
             if o.mode == "pq":
                 got = self._pq(lay, imp, ctx)
             else:
-                got = self._scalar(lay, imp, ctx)
+                if o.refit != "none" and lay.node.name not in rows:
+                    ctx.note(f"{layer_name(lay.node)}: refit={o.refit} handles Conv (group=1), Gemm and MatMul; "
+                             f"this {lay.node.op_type} keeps its k-means centroids")
+                x = rows.get(lay.node.name)
+                if x is not None and o.refit == "sequential" and changed:
+                    x = layer_input_rows(graph, [lay], ctx, o.refit_rows, o.batch_size)[lay.node.name]
+                got = self._scalar(lay, imp, ctx, x, targets.get(lay.node.name))
             if got is None:
                 continue
             entry, build = got
@@ -223,7 +256,8 @@ class ClusterWeights(Pass):
         return out
 
     # --------------------------------------------------------------------- scalar
-    def _scalar(self, lay: _Layer, imp: np.ndarray | None, ctx: PassContext):
+    def _scalar(self, lay: _Layer, imp: np.ndarray | None, ctx: PassContext, x_rows: np.ndarray | None = None,
+                target: np.ndarray | None = None):
         o = self.options
         w = lay.w
         k = 1 << o.bits
@@ -246,6 +280,9 @@ class ClusterWeights(Pass):
             books[g, book.size:] = book[-1] if book.size else 0.0
             used = max(used, book.size)
             codes[a:b] = code.reshape(wm[a:b].shape)
+        entry_refit: dict[str, Any] = {}
+        if x_rows is not None:
+            books, entry_refit = refit_centroids(x_rows, wm, codes, books, groups, pinned, target)
         books = books.astype(w.dtype)
         sizes = [b - a for a, b in groups]
         grp = np.repeat(np.arange(len(groups)), sizes).reshape((n_out,) + (1,) * (wm.ndim - 1))
@@ -254,7 +291,7 @@ class ClusterWeights(Pass):
         entry: dict[str, Any] = {"op": lay.node.op_type, "source": lay.node.source, "weight": lay.weight.name,
                                  "shape": list(w.shape), "bits": o.bits, "granularity": o.granularity,
                                  "groups": len(groups), "centroids": int(used), "zero_pinned": bool(pinned),
-                                 "bytes_before": int(w.nbytes)}
+                                 "bytes_before": int(w.nbytes), **entry_refit}
         dq = step is not None and o.bits <= 8
 
         def build(graph: Graph) -> np.ndarray:
@@ -368,6 +405,103 @@ def select_weight_layers(graph: Graph, ctx: PassContext, o: Any) -> list[_Layer]
     return layers
 
 
+# ============================================================================ output refit
+def layer_input_rows(graph: Graph, layers: list[_Layer], ctx: PassContext, max_rows: int,
+                     batch_size: int) -> dict[str, np.ndarray]:
+    """Per layer (node name), up to ``max_rows`` rows of what its weight multiplies on the calibration
+    data (float64, ``(n, in_features)`` in the layout of :func:`_matrix`): im2col patches of a Conv with
+    ``group=1``, the input vectors of Gemm / MatMul. Rows are sampled uniformly (seeded by ``ctx.seed``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..runtime.calibrate import iter_intermediates
+
+    want = {}
+    for lay in layers:
+        n = lay.node
+        if n.op_type == "Conv" and int(n.attrs.get("group", 1)) == 1 and lay.w.ndim == 4 \
+                and n.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"):
+            want[n.name] = n.input(0).name
+        elif n.op_type in ("MatMul", "Gemm") and not int(n.attrs.get("transA", 0)):
+            want[n.name] = n.input(0).name
+    if not want:
+        return {}
+    by_node = {lay.node.name: lay for lay in layers}
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in want}
+    for batch in iter_intermediates(graph, list(set(want.values())), ctx.calib_data, batch_size=batch_size,
+                                    progress=False, desc="cluster refit"):
+        for name, value in want.items():
+            a = batch[value]
+            node = by_node[name].node
+            if node.op_type == "Conv":
+                lay_k = by_node[name].w.shape[2:]
+                pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+                t = torch.as_tensor(np.ascontiguousarray(a, np.float32))
+                t = F.pad(t, (pads[1], pads[3], pads[0], pads[2]))
+                cols = F.unfold(t, tuple(lay_k), dilation=tuple(node.attrs.get("dilations", [1, 1])),
+                                stride=tuple(node.attrs.get("strides", [1, 1])))
+                r = cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+            else:
+                r = np.asarray(a).reshape(-1, np.asarray(a).shape[-1])
+            chunks[name].append(r.astype(np.float64))
+    out = {}
+    for name, parts in chunks.items():
+        x = np.concatenate(parts)
+        rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])  # the same rows on every call
+        if x.shape[0] > max_rows:
+            x = x[np.sort(rng.choice(x.shape[0], max_rows, replace=False))]
+        out[name] = x
+    return out
+
+
+def _matrix(wm: np.ndarray) -> np.ndarray:
+    """A weight moved to [O, ...] as the (in_features, O) matrix its layer multiplies rows by."""
+    return np.moveaxis(wm, 0, -1).reshape(-1, wm.shape[0])
+
+
+def refit_centroids(x: np.ndarray, wm: np.ndarray, codes: np.ndarray, books: np.ndarray,
+                    groups: list[tuple[int, int]], pinned: bool,
+                    target: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Centroid values that minimize the layer's output error ``||X W' - Y||^2`` on the sampled input
+    rows ``x`` with the assignments (codes) fixed, ``Y = X W`` (or ``target``: the float model's outputs
+    of this layer when ``X`` comes from a model whose earlier layers are clustered already): per
+    codebook a k x k linear least-squares problem ``A c = b``, ``A = sum_o Z_o^T Z_o``,
+    ``b = sum_o Z_o^T y_o`` with ``Z_o = X onehot(codes_o)`` over the output channels ``o`` of the
+    codebook (a small ridge keeps unused centroids in place). A pinned zero centroid stays 0. Returns
+    the new codebooks and the relative output errors on the rows before / after."""
+    wmat = _matrix(wm)
+    cmat = _matrix(codes)
+    k = books.shape[1]
+    new = books.copy()
+    xw = x @ wmat if target is None else target
+    err0 = err1 = 0.0
+    for g, (a, b) in enumerate(groups):
+        A = np.zeros((k, k))
+        rhs = np.zeros(k)
+        for o in range(a, b):
+            onehot = np.zeros((wmat.shape[0], k))
+            onehot[np.arange(wmat.shape[0]), cmat[:, o]] = 1.0
+            z = x @ onehot
+            A += z.T @ z
+            rhs += z.T @ xw[:, o]
+        free = np.ones(k, bool)
+        if pinned:
+            zeros = np.flatnonzero(books[g] == 0)
+            free[zeros] = False
+        ridge = 1e-9 * max(float(np.trace(A)) / k, 1e-30)
+        Af = A[np.ix_(free, free)] + ridge * np.eye(int(free.sum()))
+        c_old = books[g].astype(np.float64)
+        # solve for the change (ridge pulls unused centroids towards their old values, not to 0)
+        sol = np.linalg.solve(Af, rhs[free] - A[np.ix_(free, free)] @ c_old[free]) + c_old[free]
+        new[g, free] = sol
+        err0 += float(c_old @ A @ c_old - 2 * rhs @ c_old)
+        err1 += float(new[g] @ A @ new[g] - 2 * rhs @ new[g])
+    base = float((xw ** 2).sum())
+    rel0 = np.sqrt(max(base + err0, 0) / base) if base > 0 else 0.0
+    rel1 = np.sqrt(max(base + err1, 0) / base) if base > 0 else 0.0
+    return new, {"refit": "output", "calib_output_rel_err_kmeans": rel0, "calib_output_rel_err": rel1}
+
+
 # ============================================================================ k-means
 def kmeans_1d(values: np.ndarray, weights: np.ndarray | None, k: int, *, solver: str = "optimal",
               init: str = "kmeans++", seed: int = 0, pin_zero: bool = True,
@@ -379,8 +513,8 @@ def kmeans_1d(values: np.ndarray, weights: np.ndarray | None, k: int, *, solver:
     clustering by dynamic programming (Ckmeans.1d.dp through the ``ckwrap`` package; Wang & Song
     2011); ``solver="lloyd"``: scikit-learn's ``KMeans`` from ``init`` (a local optimum). Then every
     value is assigned to its nearest centroid and each centroid refitted to its members' weighted
-    mean (a no-op for the optimal solver without the binning). With ``pin_zero`` and exact zeros
-    present, zero is a centroid of its own that only the zeros map to."""
+    mean (a no-op for the optimal solver without the binning). With ``pin_zero`` and at least 5 %
+    exact zeros (a pruned weight), zero is a centroid of its own that only the zeros map to."""
 
     v = np.asarray(values, np.float64).reshape(-1)
     wts = np.ones_like(v) if weights is None else np.asarray(weights, np.float64).reshape(-1)
@@ -389,7 +523,8 @@ def kmeans_1d(values: np.ndarray, weights: np.ndarray | None, k: int, *, solver:
         wts = np.ones_like(v)
     wts = wts + 1e-12 * wts.mean()                       # no point with weight 0 (KMeans needs > 0 in total)
     zero = v == 0
-    pin = bool(pin_zero and zero.any() and k > 1 and not zero.all())
+    # a pruned weight (>= 5 % exact zeros) keeps its zeros; a few stray zeros do not cost a centroid
+    pin = bool(pin_zero and zero.mean() >= PIN_ZERO_MIN and k > 1 and not zero.all())
     sel = ~zero if pin else np.ones_like(zero)
     kk = k - 1 if pin else k
     x, xw = v[sel], wts[sel]
