@@ -529,8 +529,33 @@ class Graph:
 
     def param_count(self) -> int:
         """Number of weight elements: float initializers plus quantized integer weights, without
-        BatchNormalization running statistics (so it equals torch's ``numel`` of parameters)."""
-        return int(sum(v.const.size for v in self.initializers.values() if self._is_weight(v)))
+        BatchNormalization running statistics (so it equals torch's ``numel`` of parameters). A weight
+        stored as codes into a codebook (``cluster-weights``: integer codes -> Cast / unpack ->
+        ``Gather(codebook)``) counts the elements of the weight it decodes to, plus its codebook."""
+        n = sum(v.const.size for v in self.initializers.values() if self._is_weight(v))
+        for node in self.nodes:
+            if node.op_type == "Gather" and len(node.inputs) == 2 and node.inputs[0] is not None \
+                    and node.inputs[0].is_const and node.inputs[0].const.dtype.kind == "f" \
+                    and node.inputs[1] is not None and not node.inputs[1].is_const \
+                    and self._decoded_from_constants(node.inputs[1]) and node.outputs[0].shape is not None \
+                    and all(isinstance(d, int) for d in node.outputs[0].shape):
+                n += int(np.prod(node.outputs[0].shape))
+        return int(n)
+
+    def _decoded_from_constants(self, v: Value, depth: int = 12) -> bool:
+        """Whether ``v`` is computed from integer initializers only (through at most ``depth`` nodes)."""
+        p = v.producer
+        if p is None or depth <= 0 or p.graph is not self:
+            return False
+        for x in p.inputs:
+            if x is None:
+                continue
+            if x.is_const:
+                if x.const.dtype.kind not in "iu":
+                    return False
+            elif not self._decoded_from_constants(x, depth - 1):
+                return False
+        return True
 
     def weight_bytes(self) -> int:
         """Bytes of all initializers as stored (4-bit types count half a byte per element)."""
