@@ -11,27 +11,8 @@ from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, mark_changed
 from ._lowrank import check_layer_patterns, drop_if_unused
 from .base import Pass, PassContext, PassResult, register
-from .cluster_weights import _WEIGHT_INPUT, _rel, replace_with_dequantize, select_weight_layers
-
-
-def binarize(w: np.ndarray, out_axis: int, *, ternary: bool = False, threshold: float = 0.7) -> np.ndarray:
-    """``alpha_o * sign(W)`` per output channel ``o`` with ``alpha_o = mean |W_o|`` (XNOR-Net; ``sign(0) = +1``),
-    or with ``ternary`` the TWN rule: ``delta_o = threshold * mean |W_o|``, weights with ``|w| <= delta_o``
-    become 0, the rest ``alpha_o * sign(w)`` with ``alpha_o`` the mean ``|w|`` of those kept. Computed in
-    float64, returned in ``w``'s dtype and layout."""
-    m = np.moveaxis(np.asarray(w, np.float64), out_axis, 0)
-    rows = m.reshape(m.shape[0], -1)
-    a = np.abs(rows)
-    sign = np.where(rows < 0, -1.0, 1.0)
-    if ternary:
-        delta = threshold * a.mean(axis=1, keepdims=True)
-        keep = a > delta
-        cnt = keep.sum(axis=1, keepdims=True)
-        alpha = np.where(cnt > 0, (a * keep).sum(axis=1, keepdims=True) / np.maximum(cnt, 1), 0.0)
-        q = alpha * sign * keep
-    else:
-        q = a.mean(axis=1, keepdims=True) * sign
-    return np.moveaxis(q.reshape(m.shape), 0, out_axis).astype(np.asarray(w).dtype)
+from ..runtime.weight_codes import binarize
+from .cluster_weights import WEIGHT_INPUT, rel_error, replace_with_dequantize, select_weight_layers
 
 
 @register
@@ -85,10 +66,10 @@ class BinarizeWeights(Pass):
         if not 0.0 < o.threshold < 1.0:
             raise PassOptionError(f"pass '{self.name}': option 'threshold' has bad value {o.threshold!r}: "
                                   f"must be in (0, 1) (a fraction of mean |W|; TWN uses 0.7)")
-        unknown = [x for x in o.ops if x not in _WEIGHT_INPUT]
+        unknown = [x for x in o.ops if x not in WEIGHT_INPUT]
         if unknown:
             raise PassOptionError(f"pass '{self.name}': option 'ops' has bad value {o.ops!r}: {unknown[0]!r} is "
-                                  f"not one of {sorted(_WEIGHT_INPUT)}")
+                                  f"not one of {sorted(WEIGHT_INPUT)}")
         if o.min_elements < 1:
             raise PassOptionError(f"pass '{self.name}': option 'min_elements' has bad value {o.min_elements!r}: "
                                   f"must be >= 1")
@@ -110,7 +91,7 @@ class BinarizeWeights(Pass):
             entry: dict[str, Any] = {"op": lay.node.op_type, "source": lay.node.source, "weight": lay.weight.name,
                                      "shape": list(lay.w.shape), "mode": mode, "zeros": float((q == 0).mean()),
                                      "alpha_min": float(alpha.min()), "alpha_max": float(alpha.max()),
-                                     "weight_rel_err": _rel(lay.w, q), "storage": o.store,
+                                     "weight_rel_err": rel_error(lay.w, q), "storage": o.store,
                                      "bytes_before": int(lay.w.nbytes)}
             if o.store == "float":
                 if lay.weight.is_const:

@@ -16,7 +16,7 @@ from ._lowrank import check_layer_patterns, drop_if_unused, layer_name, plain_ca
 from .base import Pass, PassContext, PassResult, register
 
 #: ops whose constant weight (input index) this pass clusters
-_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 #: more points than this are reduced to weighted bins of a fine grid before 1-D k-means
 _MAX_POINTS = 1 << 16
 #: the fraction of exact zeros from which ``pin_zero`` gives them a centroid of their own (a pruned layer)
@@ -146,9 +146,9 @@ class ClusterWeights(Pass):
             raise bad("subvector", "must be >= 1")
         if o.min_elements < 1:
             raise bad("min_elements", "must be >= 1")
-        unknown = [x for x in o.ops if x not in _WEIGHT_INPUT]
+        unknown = [x for x in o.ops if x not in WEIGHT_INPUT]
         if unknown:
-            raise bad("ops", f"{unknown[0]!r} is not one of {sorted(_WEIGHT_INPUT)}")
+            raise bad("ops", f"{unknown[0]!r} is not one of {sorted(WEIGHT_INPUT)}")
         if o.refit_rows < 16:
             raise bad("refit_rows", "must be >= 16")
         if o.mode == "pq" and o.refit != "none":
@@ -196,7 +196,7 @@ class ClusterWeights(Pass):
                 continue
             entry, build = got
             w_new = build(graph)
-            entry["weight_rel_err"] = _rel(lay.w, w_new)
+            entry["weight_rel_err"] = rel_error(lay.w, w_new)
             report[lay.node.name] = entry
             before += entry["bytes_before"]
             after += entry["bytes_after"]
@@ -386,7 +386,7 @@ def select_weight_layers(graph: Graph, ctx: PassContext, o: Any) -> list[_Layer]
             if why:
                 ctx.note(f"left {node.op_type} {layer_name(node)} alone: {why}")
             continue
-        idx = _WEIGHT_INPUT[node.op_type]
+        idx = WEIGHT_INPUT[node.op_type]
         w = weight_array(node, idx)
         v = node.input(idx)
         if w is None or v is None or v.name in seen or has_implicit_uses(v) or is_graph_output(graph, v):
@@ -627,7 +627,7 @@ def _uniform_step(books: np.ndarray, *, per_group: bool):
     return s
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
+def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64)
     d = np.linalg.norm(a)
     return float(np.linalg.norm(a - np.asarray(b, np.float64)) / d) if d > 0 else 0.0

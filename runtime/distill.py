@@ -632,7 +632,6 @@ def _codebook_hooks(module: nn.Module, graph, *, pin_zero: bool) -> list[tuple[n
     it (the mean, so ordinary learning rates work; Han et al. sum and lower the rate instead); with
     ``pin_zero`` centroids that are exactly 0 (a pruned layer's zeros) get no gradient and are
     reset to 0 after every step. Returns ``(parameter, zero mask)`` pairs."""
-    from ..passes.fold_constants import FoldConstants
     from .torch_lowering import PARAM_MAP_ATTR
 
     pmap = getattr(module, PARAM_MAP_ATTR, {})
@@ -649,15 +648,16 @@ def _codebook_hooks(module: nn.Module, graph, *, pin_zero: bool) -> list[tuple[n
                 break
     if not books:
         return []
-    folded = graph.copy()  # evaluate the index chains (codes -> unpack -> Cast -> offsets)
-    FoldConstants(keep_weight_decompression=False, max_elements=1 << 31, skip_ops=["Gather"])(folded)
+    from .weight_codes import evaluate_constants
+
+    decoded = evaluate_constants(graph, [idx for _book, idx in books.values()])  # codes -> unpack -> offsets
     out = []
     for qual, (_book, idx_name) in books.items():
-        v = next((x for x in folded.iter_values() if x.name == idx_name), None)
-        if v is None or v.const is None:
+        codes = decoded.get(idx_name)
+        if codes is None:
             continue
         p = params[qual]
-        counts = np.bincount(np.asarray(v.const, np.int64).reshape(-1), minlength=p.shape[0])[:p.shape[0]]
+        counts = np.bincount(np.asarray(codes, np.int64).reshape(-1), minlength=p.shape[0])[:p.shape[0]]
         scale = torch.as_tensor(1.0 / np.maximum(counts, 1), dtype=p.dtype)
         zero = (p.detach() == 0) if pin_zero else torch.zeros_like(p, dtype=torch.bool)
         if zero.dim() > 1:  # product-quantization codebooks (k, d): masks of rank >= 2 are kept already
@@ -709,7 +709,7 @@ def _ste_restore_latent(ste) -> None:
 
 
 def _ste_requantize(ste) -> None:
-    from ..passes.binarize_weights import binarize
+    from .weight_codes import binarize
 
     with torch.no_grad():
         for s in ste:
