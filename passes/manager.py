@@ -13,7 +13,10 @@ params / FLOPs / MACs / bytes before and after. Optionally it
   ``check_samples`` are taken across the elements (``take_samples``), outputs are compared
   over all elements (:func:`~nnsculpt.runtime.ort.compare_outputs`), and
   ``report["numerics"]["inputs"]`` lists each element's shape,
-* dumps the IR text after every pass (``dump_dir``) and/or streams it (``print_ir``).
+* dumps the IR text (``dump_dir``: ``NN-pass.ir.txt``, ``NN`` the pass's position, ``00-input``) and/or
+  streams it (``print_ir``): after every pass (``print_ir_after="all"``), only after the passes that
+  changed the graph (``"change"``, MLIR's ``-print-ir-after-change``; the input too), or only after
+  the passes named in a list (``-print-ir-after=PASS``).
 
 Before each pass its declared requirements are met (:mod:`nnsculpt.passes.requirements`):
 an enabling pass (``fold-bn`` for ``bn-folded``, ``raise-opset`` for ``opset>=N``) runs as an
@@ -35,7 +38,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
@@ -91,8 +94,9 @@ class PassManager:
                  dump_dir: str | Path | None = None, print_ir: TextIO | Callable[[str], Any] | None = None,
                  stats: bool = True, min_top1: float = 0.98, min_cosine: float = 0.99,
                  max_rel_drift: float | None = None, fail_on_drift: bool = False, enforce_exact: bool = True,
-                 check_samples: int = 32):
+                 check_samples: int = 32, print_ir_after: str | Sequence[str] = "all"):
         self.passes = list(passes)
+        self.print_ir_after = print_ir_after
         self.verify = verify
         self.check_numerics = check_numerics
         self.sample_inputs = sample_inputs
@@ -107,8 +111,13 @@ class PassManager:
         self.enforce_exact = enforce_exact
         self.check_samples = check_samples
 
-    def _emit_ir(self, graph: Graph, index: int, label: str) -> None:
+    def _emit_ir(self, graph: Graph, index: int, label: str, changed: bool = True) -> None:
         if self.dump_dir is None and self.print_ir is None:
+            return
+        when = self.print_ir_after
+        if index and when == "change" and not changed:
+            return
+        if when not in ("all", "change") and (not index or label not in when):
             return
         text = print_graph(graph)
         if self.dump_dir is not None:
@@ -201,7 +210,7 @@ class PassManager:
             report["passes"].append(entry)
             state["results"].append(res)
             state["index"] += 1
-            self._emit_ir(graph, state["index"], p.name)
+            self._emit_ir(graph, state["index"], p.name, res.changed)
             return res
 
         for p in self.passes:

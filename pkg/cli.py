@@ -4,10 +4,13 @@ Commands::
 
     nnsculpt inspect MODEL                       ops, params, FLOPs, bytes, I/O, per-layer table
     nnsculpt compile MODEL -p PIPELINE -o OUT.onnx [--calib-data X.npz|DIR] [--report DIR]
-                                 [--print-ir-after-all] [--verify]
+                                 [--print-ir-after-all | --print-ir-after-change |
+                                  --print-ir-after PASS] [--verify]
     nnsculpt compare A B [--inputs X.npz|DIR]    max abs / rel error, cosine, top-1 agreement
     nnsculpt bench MODEL [MODEL ...] [--inputs X.npz|DIR]   ORT latency (median of runs), size
     nnsculpt distill STUDENT --teacher T --data train.npz [--val val.npz] --epochs N -o OUT.onnx
+    nnsculpt diff A B [--inputs X.npz] [-o diff.html]   structural + numeric diff of two models
+    nnsculpt pack MODEL.onnx -o M.nnz / unpack M.nnz -o M.onnx   lossless compressed container
     nnsculpt passes                              registered passes, options, summaries
 
 MODEL is an ``.onnx`` path or ``zoo:NAME`` (``nnsculpt inspect zoo:list`` lists the zoo).
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ir.errors import NNSculptError
+from .ir.errors import NNSculptError, PipelineError
 
 log = logging.getLogger("nnsculpt")
 
@@ -129,12 +132,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
         labels = load_labels(args.calib_data)
     ctx = PassContext(calib_data=calib, seed=args.seed, labels=labels)
     check_inputs = load_inputs(args.inputs, g) if args.inputs else None
-    dump_dir = Path(args.report) / "ir" if (args.report and args.print_ir_after_all) else None
+    printing = args.print_ir_after_all or args.print_ir_after_change or bool(args.print_ir_after)
+    if args.print_ir_after:
+        known = {p.name for p in passes} | {"fold-bn", "raise-opset", "fuse-layernorm", "fuse-gelu"}
+        bad = [n for n in args.print_ir_after if n not in known]
+        if bad:
+            raise PipelineError(f"--print-ir-after {bad[0]}: no pass of that name in the pipeline "
+                                f"({', '.join(p.name for p in passes)})")
+    when = "all" if args.print_ir_after_all else "change" if args.print_ir_after_change else list(args.print_ir_after)
+    dump_dir = Path(args.report) / "ir" if (args.report and printing) else None
     # numerics are always checked when a lossy pass runs (never a silently broken model)
     lossy = any(not p.exact for p in passes)
     check = args.verify or (lossy and not args.no_check)
     pm = PassManager(passes, verify=args.verify, check_numerics=check, dump_dir=dump_dir,
-                     print_ir=sys.stderr if args.print_ir_after_all else None,
+                     print_ir=sys.stderr if printing else None, print_ir_after=when,
                      min_top1=args.min_top1, min_cosine=args.min_cosine, max_rel_drift=args.max_drift,
                      fail_on_drift=args.fail_on_drift, enforce_exact=args.verify, sample_inputs=check_inputs)
     result = pm.run(g, ctx)
@@ -299,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "files; default: the first samples of --calib-data, else generated from the input types)")
     s.add_argument("--report", metavar="DIR", help="write report.json (and IR dumps) into DIR")
     s.add_argument("--print-ir-after-all", action="store_true",
-                   help="print the IR after every pass to stderr (and to DIR/ir/ with --report)")
+                   help="print the IR after every pass to stderr (and to DIR/ir/NN-pass.ir.txt with --report)")
+    s.add_argument("--print-ir-after-change", action="store_true",
+                   help="the same, only after the passes that changed the graph (MLIR's spelling)")
+    s.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                   help="the same, only after the pass named (repeatable)")
     s.add_argument("--verify", action="store_true",
                    help="verify the IR after every pass and check numerics against the input model "
                         "(numerics are checked anyway when the pipeline has a lossy pass)")
@@ -343,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.pack import add_cli as add_pack_cli
 
     add_pack_cli(sub)
+    from .diff import add_cli as add_diff_cli
+
+    add_diff_cli(sub)
 
     s = sub.add_parser("passes", help="list registered passes with options")
     s.add_argument("--docs", dest="verbose_docs", action="store_true", help="print full docstrings")
