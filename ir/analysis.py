@@ -286,3 +286,31 @@ def graph_stats(g: Graph) -> GraphStats:
                           weight_bytes=g.weight_bytes(), model_bytes=model_bytes, op_histogram=hist)
 
     return cached(g, "graph_stats", run)
+
+
+def snapshot(g: Graph) -> dict:
+    """A light, JSON-ready picture of the graph for inspection tools (the HTML report): per node its
+    name, op, provenance, input / output value names, MACs, params, and a signature that changes when
+    its op, attributes or constant inputs change; plus the graph's inputs / outputs and IR text."""
+    import hashlib
+
+    from .printer import print_graph
+
+    costs = {c.name: c for c in node_costs(g)}
+    nodes = []
+    for n in g.nodes:
+        h = hashlib.sha1(f"{n.domain}:{n.op_type}".encode())
+        for k, v in sorted(n.attrs.items()):
+            h.update(k.encode())
+            h.update(repr(v.tolist() if isinstance(v, np.ndarray) else v).encode()[:4096])
+        for v in n.inputs:
+            if v is not None and v.const is not None:
+                h.update(str((v.const.dtype, v.const.shape)).encode())
+                h.update(np.ascontiguousarray(v.const).tobytes())
+        c = costs.get(n.name)
+        nodes.append({"name": n.name, "op": n.op_type, "source": n.source,
+                      "inputs": [v.name for v in n.inputs if v is not None and not v.is_const],
+                      "outputs": [v.name for v in n.outputs], "macs": c.macs if c else 0,
+                      "params": c.params if c else 0, "sig": h.hexdigest()[:12]})
+    return {"nodes": nodes, "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
+            "ir": print_graph(g)}

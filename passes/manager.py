@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence, TextIO
 import numpy as np
 
 from .. import __version__
-from ..ir.analysis import graph_stats
+from ..ir.analysis import graph_stats, snapshot
 from ..ir.errors import DriftError, InputDataError, NNSculptError, NumericsError, VerificationError
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
@@ -58,6 +58,9 @@ class RunResult:
     report: dict[str, Any]
     ctx: PassContext = field(default_factory=PassContext)
     results: list[PassResult] = field(default_factory=list)
+    #: with ``PassManager(snapshots=True)``: the input graph and the graph after every pass that changed
+    #: it, as :func:`nnsculpt.ir.analysis.snapshot` dicts with ``index`` (0 = input) and ``label``
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
 
     def write_report(self, directory: str | Path) -> Path:
         d = Path(directory)
@@ -94,8 +97,10 @@ class PassManager:
                  dump_dir: str | Path | None = None, print_ir: TextIO | Callable[[str], Any] | None = None,
                  stats: bool = True, min_top1: float = 0.98, min_cosine: float = 0.99,
                  max_rel_drift: float | None = None, fail_on_drift: bool = False, enforce_exact: bool = True,
-                 check_samples: int = 32, print_ir_after: str | Sequence[str] = "all"):
+                 check_samples: int = 32, print_ir_after: str | Sequence[str] = "all",
+                 snapshots: bool = False):
         self.passes = list(passes)
+        self.snapshots = snapshots
         self.print_ir_after = print_ir_after
         self.verify = verify
         self.check_numerics = check_numerics
@@ -163,6 +168,7 @@ class PassManager:
         before = graph_stats(graph).as_dict() if self.stats else None
         report["before"] = before
         self._emit_ir(graph, 0, "input")
+        snaps: list[dict[str, Any]] = [{"index": 0, "label": "input", **snapshot(graph)}] if self.snapshots else []
 
         state: dict[str, Any] = {"ref": None, "prev": None, "inputs": None, "stats": before, "index": 0,
                                  "warnings": [], "results": []}
@@ -211,6 +217,8 @@ class PassManager:
             state["results"].append(res)
             state["index"] += 1
             self._emit_ir(graph, state["index"], p.name, res.changed)
+            if self.snapshots and res.changed:
+                snaps.append({"index": state["index"], "label": p.name, **snapshot(graph)})
             return res
 
         for p in self.passes:
@@ -228,7 +236,7 @@ class PassManager:
             report["numerics"] = {"inputs": shapes_of(state["inputs"]),
                                   **_max_rel(state["ref"], state["prev"])}
         report["warnings"] = state["warnings"]
-        return RunResult(graph, report, ctx, state["results"])
+        return RunResult(graph, report, ctx, state["results"], snaps)
 
     def _after(self, graph: Graph, p: Pass, entry: dict[str, Any], state: dict[str, Any]) -> None:
         """Verify, measure and check numerics after pass ``p``; fills ``entry``."""

@@ -11,6 +11,7 @@ Commands::
     nnsculpt distill STUDENT --teacher T --data train.npz [--val val.npz] --epochs N -o OUT.onnx
     nnsculpt diff A B [--inputs X.npz] [-o diff.html]   structural + numeric diff of two models
     nnsculpt pack MODEL.onnx -o M.nnz / unpack M.nnz -o M.onnx   lossless compressed container
+    nnsculpt explore MODEL -o DIR [--report DIR]   Model Explorer graph JSON + node-data overlays
     nnsculpt passes                              registered passes, options, summaries
 
 MODEL is an ``.onnx`` path or ``zoo:NAME`` (``nnsculpt inspect zoo:list`` lists the zoo).
@@ -147,7 +148,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pm = PassManager(passes, verify=args.verify, check_numerics=check, dump_dir=dump_dir,
                      print_ir=sys.stderr if printing else None, print_ir_after=when,
                      min_top1=args.min_top1, min_cosine=args.min_cosine, max_rel_drift=args.max_drift,
-                     fail_on_drift=args.fail_on_drift, enforce_exact=args.verify, sample_inputs=check_inputs)
+                     fail_on_drift=args.fail_on_drift, enforce_exact=args.verify, sample_inputs=check_inputs,
+                     snapshots=bool(args.report))
     result = pm.run(g, ctx)
     if not args.verify:
         verify(result.graph)
@@ -158,6 +160,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.report:
         path = result.write_report(args.report)
         print(f"report    {path}")
+        from .report_html import write_report_html
+
+        print(f"report    {write_report_html(rep, result.snapshots, args.report)}")
     s = rep.get("summary", {})
     rows = [[k, f"{v['before']:,}", f"{v['after']:,}", f"{v['ratio']:.3f}" if v["ratio"] is not None else "-"]
             for k, v in s.items()]
@@ -308,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory of such .npz files whose shapes may differ from file to file")
     s.add_argument("--inputs", help="held-out inputs for the output-drift check (.npz or a directory of .npz "
                    "files; default: the first samples of --calib-data, else generated from the input types)")
-    s.add_argument("--report", metavar="DIR", help="write report.json (and IR dumps) into DIR")
+    s.add_argument("--report", metavar="DIR", help="write report.json and report.html (a self-contained page: "
+                   "timeline, plots, the graph at every stage with overlays and diffs) into DIR")
     s.add_argument("--print-ir-after-all", action="store_true",
                    help="print the IR after every pass to stderr (and to DIR/ir/NN-pass.ir.txt with --report)")
     s.add_argument("--print-ir-after-change", action="store_true",
@@ -361,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .diff import add_cli as add_diff_cli
 
     add_diff_cli(sub)
+    from .model_explorer_export import add_cli as add_explore_cli
+
+    add_explore_cli(sub)
 
     s = sub.add_parser("passes", help="list registered passes with options")
     s.add_argument("--docs", dest="verbose_docs", action="store_true", help="print full docstrings")
