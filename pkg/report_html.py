@@ -8,8 +8,9 @@ re-lays the graph out on the spot. Sections:
 
 * the pipeline as a timeline: per pass its time, whether it changed the graph, nodes / params /
   MACs / weight bytes before -> after, drift vs the input, warnings and notes;
-* plots (inline SVG): size and MACs per stage, per-layer metrics from the passes' artifacts
-  (weight / output errors, ranks, bits, sensitivities), the quantize budget search curve;
+* plots (inline SVG): size, MACs and drift (cosine, top-1 agreement) per stage, per-layer metrics from the passes' artifacts
+  (weight / output errors, ranks, bits, sparsities, sensitivities), the calibration histograms of
+  quantize with the clip range its method chose (the most clipped tensors), the budget search curve;
 * the graph at any stage (input, after each pass that changed it), drawn with dagre, collapsed
   by module path (provenance ``layer1.0.conv1`` -> ``layer1`` / ``layer1.0``; click a box to
   expand or collapse it), searchable, zoomable (wheel) and pannable (drag), with per-node
@@ -30,7 +31,8 @@ from typing import Any
 
 _VENDOR = Path(__file__).with_name("_vendor")
 #: numeric per-layer fields of pass artifacts shown as overlays / bar charts (others are skipped)
-_SKIP_FIELDS = {"shape", "source", "op", "weight", "applied", "storage", "granularity", "decision", "mode"}
+_SKIP_FIELDS = {"shape", "source", "op", "weight", "applied", "storage", "granularity", "decision", "mode",
+                "reduction_axis", "rule"}
 
 
 def module_path(source: str, op: str) -> list[str]:
@@ -48,8 +50,11 @@ def overlays_from_report(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for e in report.get("passes", []):
         art = e.get("artifacts") or {}
-        layers = art.get("layers")
-        if isinstance(layers, dict):
+        # per-layer tables: artifacts["layers"], or one level down (prune-weights: artifacts["sparsity"]["layers"])
+        tables = [art.get("layers")] + [v.get("layers") for v in art.values() if isinstance(v, dict)]
+        for layers in tables:
+            if not isinstance(layers, dict):
+                continue
             for node, entry in layers.items():
                 if not isinstance(entry, dict):
                     continue
@@ -112,16 +117,57 @@ def _curve(title: str, pts: list[tuple[float, float]], xlab: str, ylab: str, wid
             f'<path d="{path}" fill="none" stroke="#c0392b" stroke-opacity=".4"/>{dots}</svg></figure>')
 
 
+def _histogram(name: str, h: dict[str, Any], width: int = 300, height: int = 120) -> str:
+    counts = h.get("counts") or []
+    if not counts:
+        return ""
+    x0, x1, y1 = 6, width - 6, height - 30
+    cmax = max(max(counts), 1)
+    bw = (x1 - x0) / len(counts)
+    span = (h["max"] - h["min"]) or 1.0
+
+    def sx(v):
+        return x0 + (x1 - x0) * (v - h["min"]) / span
+
+    bars = "".join(f'<rect x="{x0 + i * bw:.1f}" y="{y1 - (y1 - 22) * math.sqrt(c / cmax):.1f}" width="{bw:.1f}" '
+                   f'height="{(y1 - 22) * math.sqrt(c / cmax):.1f}" fill="#7f9fc0"/>' for i, c in enumerate(counts))
+    lines = "".join(f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="20" y2="{y1}" stroke="#c0392b" stroke-width="2"/>'
+                    for v in (h["lo"], h["hi"]) if h["min"] <= v <= h["max"])
+    return (f'<figure><svg class="plot" width="{width}" height="{height}"><text x="4" y="13">'
+            f'{html.escape(name[-44:])}</text>{bars}{lines}<text x="4" y="{height - 14}">data [{h["min"]:.3g}, '
+            f'{h["max"]:.3g}]  clip [{h["lo"]:.3g}, {h["hi"]:.3g}]</text><text x="4" y="{height - 2}">'
+            f'(sqrt count scale)</text></svg></figure>')
+
+
 def _plots(report: dict[str, Any], overlays: dict[str, dict[str, float]]) -> str:
     parts = []
     stages = [("input", report.get("before") or {})] + [(e["name"], e.get("after") or {}) for e in report["passes"]]
     for key, title in (("weight_bytes", "weight bytes per stage"), ("macs", "MACs per stage")):
         vals = [float(s.get(key, 0) or 0) for _, s in stages]
         parts.append(_bars(title, [f"{i}. {n}" for i, (n, _) in enumerate(stages)], vals, "{:,.0f}"))
+    drift = [(e["name"], e["drift_vs_input"]) for e in report["passes"] if e.get("drift_vs_input")]
+    if drift:
+        labels = [f"{i}. {n}" for i, (n, _) in enumerate(drift, 1)]
+        parts.append(_bars("output cosine vs the input model, per stage", labels,
+                           [float(d.get("cosine", 1.0)) for _, d in drift], "{:.5f}"))
+        if all("top1_agreement" in d for _, d in drift):
+            parts.append(_bars("top-1 agreement with the input model, per stage", labels,
+                               [float(d["top1_agreement"]) for _, d in drift], "{:.4f}"))
     for name, vals in sorted(overlays.items()):
         items = sorted(vals.items(), key=lambda kv: -kv[1])[:40]
         parts.append(_bars(f"{name} per layer" + (" (largest 40)" if len(vals) > 40 else ""),
                            [k for k, _ in items], [v for _, v in items]))
+    for e in report["passes"]:
+        cal = (e.get("artifacts") or {}).get("calibration")
+        if isinstance(cal, dict) and cal:
+            # the tensors whose chosen range clips the most of the data range first
+            def clipped(h):
+                span = (h["max"] - h["min"]) or 1.0
+                return (max(0.0, h["max"] - h["hi"]) + max(0.0, h["lo"] - h["min"])) / span
+            items = sorted(cal.items(), key=lambda kv: -clipped(kv[1]))[:12]
+            parts.append(f"<h3>{html.escape(e['name'])}: calibration histograms (12 most clipped of {len(cal)}; "
+                         f"red: the range {html.escape(str(items[0][1].get('method')))} chose)</h3>")
+            parts.extend(_histogram(name, h) for name, h in items)
     for e in report["passes"]:
         curve = (e.get("artifacts") or {}).get("budget_curve")
         if isinstance(curve, list) and curve and isinstance(curve[0], dict):

@@ -216,3 +216,21 @@ def test_model_explorer_export_loads_into_its_dataclasses(tmp_path, capsys):
     again = json.loads(model_data.to_json_string())
     assert again[gid]["results"] == gdata["results"] and again[gid]["gradient"] == gdata["gradient"]
     assert me is not None
+
+
+def test_report_plots_calibration_histograms_and_prune_overlays(tmp_path):
+    from nnsculpt.models.data import digits_npz
+
+    calib = digits_npz(tmp_path / "c.npz", "train", 64)
+    rep = tmp_path / "rep"
+    assert cli_main(["compile", "zoo:digits_resnet", "-p", "fold-bn,prune-weights{sparsity=0.3},quantize",
+                     "--calib-data", str(calib), "-o", str(tmp_path / "q.onnx"), "--report", str(rep)]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    cal = next(e for e in report["passes"] if e["name"] == "quantize")["artifacts"]["calibration"]
+    assert cal and all(h["min"] <= h["lo"] < h["hi"] <= h["max"] + 1e-6 and len(h["counts"]) == 48 for h in cal.values())
+    from nnsculpt.report_html import overlays_from_report
+
+    ov = overlays_from_report(report)
+    assert ov["prune-weights:sparsity"]["layer1.0.conv1"] == pytest.approx(0.3, abs=1e-3)
+    page = (rep / "report.html").read_text()
+    assert "calibration histograms" in page and "prune-weights:sparsity per layer" in page

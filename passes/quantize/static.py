@@ -114,11 +114,23 @@ def calibrate(q: "Quantize", graph: Graph, state: QuantRun, names: list[str]) ->
                 raise PassOptionError(f"pass 'quantize': {e}") from None
             s, z = compute_qparams(lo, hi, act_dt, symmetric=o.symmetric)
             out[n] = ActQuant(s, z, lo, hi)
+        state.artifacts["calibration"] = {n: _histogram_summary(hists[n], out[n], o.calibration) for n in todo}
     for n in names:
         if n in q.act_overrides:
             s, z = q.act_overrides[n]
             out[n] = ActQuant(np.float32(s), np.array(z).astype(act_dt)[()])
     return out
+
+
+def _histogram_summary(h, q: ActQuant, method: str, bins: int = 48) -> dict:
+    """A small picture of one calibration histogram for the report: ``bins`` counts over [min, max]
+    of the data, and the clip range the method chose."""
+    lo_d, hi_d = float(h.min), float(h.max)
+    if not (np.isfinite(lo_d) and np.isfinite(hi_d)) or hi_d <= lo_d:
+        return {"method": method, "min": lo_d, "max": hi_d, "lo": float(q.lo), "hi": float(q.hi), "counts": []}
+    counts, _ = np.histogram(h.centers(), bins=bins, range=(lo_d, hi_d), weights=h.counts)
+    return {"method": method, "min": lo_d, "max": hi_d, "lo": float(q.lo), "hi": float(q.hi),
+            "counts": [int(c) for c in counts]}
 
 
 # =============================================================================== apply
