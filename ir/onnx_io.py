@@ -49,6 +49,21 @@ def onnx_dtype(dtype) -> int:
 
 
 # ------------------------------------------------------------------------ loading
+def parse_model_bytes(data: bytes, name: str) -> onnx.ModelProto:
+    """The ModelProto in ``data`` (external data not loaded); ModelLoadError naming ``name`` when it is
+    empty, not a protobuf, or a protobuf without a graph."""
+    if not data:
+        raise ModelLoadError(f"{name}: empty file")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as e:  # google.protobuf.message.DecodeError and friends
+        raise ModelLoadError(f"{name}: not a valid ONNX model (truncated or not ONNX): {e}") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelLoadError(f"{name}: not an ONNX model (no graph / ir_version in the protobuf)")
+    return model
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read an ONNX file with external data, turning every failure into ModelLoadError."""
     p = Path(path)
@@ -56,16 +71,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{p}: no such file")
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
-    data = p.read_bytes()
-    if not data:
-        raise ModelLoadError(f"{p}: empty file")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except Exception as e:  # google.protobuf.message.DecodeError and friends
-        raise ModelLoadError(f"{p}: not a valid ONNX model (truncated or not ONNX): {e}") from None
-    if model.ir_version <= 0 or not model.HasField("graph") or (not model.graph.node and not model.graph.output):
-        raise ModelLoadError(f"{p}: not an ONNX model (no graph / ir_version in the protobuf)")
+    model = parse_model_bytes(p.read_bytes(), str(p))
     try:
         from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..ir.errors import PassOptionError
 from ..ir.graph import Graph, mark_changed
-from ._lowrank import check_layer_patterns, drop_if_unused
+from ._lowrank import drop_if_unused
 from .base import Pass, PassContext, PassResult, register
 from ..runtime.weight_codes import binarize
 from .cluster_weights import WEIGHT_INPUT, rel_error, replace_with_dequantize, select_weight_layers
@@ -76,8 +76,7 @@ class BinarizeWeights(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        check_layer_patterns(self.name, graph, o.layers)
-        layers = select_weight_layers(graph, ctx, o)
+        layers = select_weight_layers(self.name, graph, ctx, o)
         if not layers:
             ctx.note("no weight to binarize")
             return PassResult(changed=False)

@@ -165,8 +165,7 @@ class ClusterWeights(Pass):
     # ------------------------------------------------------------------------------ run
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        check_layer_patterns(self.name, graph, o.layers)
-        layers = select_weight_layers(graph, ctx, o)
+        layers = select_weight_layers(self.name, graph, ctx, o)
         if not layers:
             ctx.note("no weight to cluster")
             return PassResult(changed=False)
@@ -371,11 +370,12 @@ class ClusterWeights(Pass):
 
 
 # ============================================================================ selection
-def select_weight_layers(graph: Graph, ctx: PassContext, o: Any) -> list[_Layer]:
+def select_weight_layers(pass_name: str, graph: Graph, ctx: PassContext, o: Any) -> list[_Layer]:
     """The layers whose weights a weight-coding pass rewrites: default-domain nodes of ``o.ops`` named by
     ``o.layers`` / not by ``o.exclude``, with a float initializer weight of at least ``o.min_elements``
     elements that no subgraph captures and that is not a graph output (shared weights once); what is
-    left alone is noted."""
+    left alone is noted. A ``layers`` entry that matches no node is a PassOptionError."""
+    check_layer_patterns(pass_name, graph, o.layers)
     layers: list[_Layer] = []
     seen: set[str] = set()
     for node in list(graph.nodes):

@@ -768,18 +768,11 @@ def _read_input(src: str | os.PathLike | bytes | bytearray | memoryview, err: ty
 
 def _parse_onnx(data: bytes, name: str) -> onnx.ModelProto:
     """ModelProto of ``data``; ModelLoadError (naming the file) if it is not ONNX."""
-    if not data:
-        raise ModelLoadError(f"{name}: empty file")
+    from ..ir.onnx_io import parse_model_bytes
+
     if data[:4] == MAGIC:
         raise ModelLoadError(f"{name}: already an nnsculpt container (use 'nnsculpt unpack')")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except Exception as e:  # google.protobuf.message.DecodeError and friends
-        raise ModelLoadError(f"{name}: not a valid ONNX model (truncated or not ONNX): {e}") from None
-    if model.ir_version <= 0 or not model.HasField("graph") or (not model.graph.node and not model.graph.output):
-        raise ModelLoadError(f"{name}: not an ONNX model (no graph / ir_version in the protobuf)")
-    return model
+    return parse_model_bytes(data, name)
 
 
 # ============================================================================= statistics

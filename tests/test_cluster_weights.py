@@ -412,7 +412,7 @@ def test_refit_output_solves_the_least_squares_per_layer():
         assert e["calib_output_rel_err"] < e["calib_output_rel_err_kmeans"], e["source"]
     # optimality on one layer, checked directly
     g0 = digits()
-    lay = select_weight_layers(g0, ctx, parse_pipeline("cluster-weights")[0].options)[2]
+    lay = select_weight_layers("cluster-weights", g0, ctx, parse_pipeline("cluster-weights")[0].options)[2]
     x = layer_input_rows(g0, [lay], ctx, 512, 16)[lay.node.name]
     book, code, _ = kmeans_1d(lay.w.reshape(-1), None, 8)
     codes = code.reshape(lay.w.shape)
