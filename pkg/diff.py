@@ -40,8 +40,27 @@ def _attrs(n: Node) -> dict[str, Any]:
     return out
 
 
-def _weights(n: Node) -> list[np.ndarray | None]:
-    return [None if v is None or v.const is None else v.const for v in n.inputs]
+def _derived(v, depth: int = 12) -> bool:
+    """Whether ``v`` is computed from initializers only (a DequantizeLinear / codebook decode of a weight)."""
+    p = v.producer
+    if p is None or depth <= 0:
+        return v.is_const
+    return all(x is None or x.is_const or _derived(x, depth - 1) for x in p.inputs)
+
+
+def _weights(n: Node) -> list[tuple[str, Any]]:
+    """Per input: ("const", array), ("derived", (shape, producer op)) or ("data", None)."""
+    out: list[tuple[str, Any]] = []
+    for v in n.inputs:
+        if v is None:
+            out.append(("none", None))
+        elif v.const is not None:
+            out.append(("const", v.const))
+        elif v.producer is not None and _derived(v):
+            out.append(("derived", (tuple(v.shape) if v.shape is not None else None, v.producer.op_type)))
+        else:
+            out.append(("data", None))
+    return out
 
 
 def match_nodes(a: Graph, b: Graph) -> list[tuple[Node, Node]]:
@@ -69,20 +88,40 @@ def match_nodes(a: Graph, b: Graph) -> list[tuple[Node, Node]]:
     return pairs
 
 
-def _weight_change(wa: list, wb: list) -> tuple[str | None, float]:
-    """('shape' | 'values' | None, max relative change of the weight values)."""
-    worst = 0.0
-    kind = None
-    for x, y in zip(wa, wb):
-        if x is None and y is None:
+def _weight_change(wa: list, wb: list) -> tuple[str | None, float, str]:
+    """('shape' | 'values' | 'stored' | 'inputs' | None, max relative change of the weight values, detail).
+    A weight read through a decode (DequantizeLinear, a codebook Gather) is compared by its shape."""
+    n = max(len(wa), len(wb))
+    wa = list(wa) + [("none", None)] * (n - len(wa))
+    wb = list(wb) + [("none", None)] * (n - len(wb))
+    worst, kind, detail = 0.0, None, ""
+    added = []
+    for j, ((ka, x), (kb, y)) in enumerate(zip(wa, wb)):
+        if ka in ("none", "data") and kb in ("none", "data"):
+            if ka != kb:
+                return "inputs", float("inf"), ""
             continue
-        if (x is None) != (y is None):
-            return "inputs", float("inf")
-        if x.shape != y.shape or x.dtype != y.dtype:
-            kind = "shape"
-            worst = float("inf")
+        if ka == "none" or kb == "none":   # e.g. a bias that fold-bn added
+            added.append(f"constant input {j} {'added' if ka == 'none' else 'removed'}")
             continue
-        if x.dtype.kind in "fc":
+        if (ka == "data") != (kb == "data"):
+            return "inputs", float("inf"), ""
+        sa = tuple(x.shape) if ka == "const" else x[0]
+        sb = tuple(y.shape) if kb == "const" else y[0]
+        if sa != sb:
+            kind, worst = "shape", float("inf")
+            detail = detail or f"{list(sa) if sa is not None else '?'} -> {list(sb) if sb is not None else '?'}"
+            continue
+        if ka != kb or (ka == "derived" and x[1] != y[1]):
+            kind = kind or "stored"
+            detail = detail or (f"now computed by {y[1]}" if kb == "derived" else "now a plain constant")
+            continue
+        if ka == "derived":
+            continue
+        if x.dtype != y.dtype:
+            kind = kind or "stored"
+            detail = detail or f"dtype {x.dtype} -> {y.dtype}"
+        elif x.dtype.kind in "fc":
             d = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) if x.size else 0.0
             if d > 0:
                 kind = kind or "values"
@@ -90,9 +129,11 @@ def _weight_change(wa: list, wb: list) -> tuple[str | None, float]:
         elif not np.array_equal(x, y):
             kind = kind or "values"
             worst = max(worst, 1.0)
-    if len(wa) != len(wb):
-        return "inputs", float("inf")
-    return kind, worst
+    if added and kind is None:
+        return "stored", 0.0, "; ".join(added)
+    if added:
+        detail = "; ".join([detail] + added) if detail else "; ".join(added)
+    return kind, worst, detail
 
 
 def diff_models(a: Graph, b: Graph, *, inputs: Any = None, seed: int = 0, max_layers: int = 256,
@@ -110,11 +151,19 @@ def diff_models(a: Graph, b: Graph, *, inputs: Any = None, seed: int = 0, max_la
             why.append(f"op {x.op_type} -> {y.op_type}")
         if _attrs(x) != _attrs(y):
             why.append("attributes")
-        kind, rel = _weight_change(_weights(x), _weights(y))
+        kind, rel, detail = _weight_change(_weights(x), _weights(y))
         if kind == "inputs":
             why.append("constant inputs added, removed or now computed")
+        elif kind == "shape":
+            why.append(f"weight shape {detail}")
+        elif kind == "stored":
+            why.append(f"weight {detail}")
         elif kind:
-            why.append(f"weight {kind}" + (f" (max rel change {rel:.3g})" if kind == "values" else ""))
+            why.append(f"weight values (max rel change {rel:.3g})" + (f"; {detail}" if detail else ""))
+        sx = x.outputs[0].shape if x.outputs else None
+        sy = y.outputs[0].shape if y.outputs else None
+        if sx is not None and sy is not None and tuple(sx) != tuple(sy):
+            why.append(f"output shape {list(sx)} -> {list(sy)}")
         if why:
             changed.append({"a": x.name, "b": y.name, "source": _key(x), "op": x.op_type, "op_b": y.op_type,
                             "why": why})
@@ -137,6 +186,12 @@ def diff_models(a: Graph, b: Graph, *, inputs: Any = None, seed: int = 0, max_la
     }
     if numerics:
         out.update(_numerics(a, b, pairs, inputs, seed, max_layers))
+        drift = {r["a"]: r for r in out.get("layers", [])}
+        for c in changed:
+            r = drift.get(c["a"])
+            c["drift"] = None if r is None else {"rel_l2": r["rel_l2"], "cosine": r["cosine"]}
+    out["identical"] = not changed and not removed and not added and (
+        not numerics or all(m.get("max_abs", 1.0) == 0.0 for m in out.get("outputs", {}).values()))
     return out
 
 
@@ -192,6 +247,9 @@ def _numerics(a: Graph, b: Graph, pairs, inputs, seed: int, max_layers: int) -> 
 def format_text(d: dict[str, Any], *, limit: int = 20) -> str:
     """The diff as the text the CLI prints."""
     lines = [f"diff      {d['a']} -> {d['b']}"]
+    if d.get("identical"):
+        return "\n".join(lines + [f"identical: {d['matched']} nodes, the same ops, attributes and weights"
+                                   + (", the same outputs" if "outputs" in d else "")])
     for k, (x, y) in d["stats"].items():
         r = f"  x{y / x:.3f}" if x else ""
         lines.append(f"  {k:<13} {x:>14,} -> {y:<14,}{r}")
@@ -207,7 +265,13 @@ def format_text(d: dict[str, Any], *, limit: int = 20) -> str:
             if len(rows) > limit:
                 lines.append(f"  ... {len(rows) - limit} more (--json for all)")
 
-    block("changed", d["changed"], lambda r: f"{r['a']} [{r['op']}]: " + "; ".join(r["why"]))
+    def changed_line(r):
+        dr = r.get("drift")
+        tail = "" if "drift" not in r else (f"  drift rel_l2 {dr['rel_l2']:.3e} cosine {dr['cosine']:.6f}" if dr
+                                             else "  drift n/a (output not comparable)")
+        return f"{r['a']} [{r['op']}]: " + "; ".join(r["why"]) + tail
+
+    block("changed", d["changed"], changed_line)
     block("removed", d["removed"], lambda r: f"{r['name']} [{r['op']}]")
     block("added", d["added"], lambda r: f"{r['name']} [{r['op']}]")
     if "outputs" in d:

