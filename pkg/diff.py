@@ -139,7 +139,7 @@ def _weight_change(wa: list, wb: list) -> tuple[str | None, float, str]:
 def diff_models(a: Graph, b: Graph, *, inputs: Any = None, seed: int = 0, max_layers: int = 256,
                 numerics: bool = True) -> dict[str, Any]:
     """The diff of ``b`` against ``a`` as a JSON-ready dict (see the module docstring)."""
-    from .ir.analysis import graph_stats
+    from .ir.analysis import graph_stats, snapshot
 
     pairs = match_nodes(a, b)
     matched_a = {id(x) for x, _ in pairs}
@@ -183,6 +183,8 @@ def diff_models(a: Graph, b: Graph, *, inputs: Any = None, seed: int = 0, max_la
         "op_histogram_delta": ops,
         "matched": len(pairs), "unchanged": same, "changed": changed, "removed": removed, "added": added,
         "ir_a": print_graph(a), "ir_b": print_graph(b),
+        "snapshots": [{"index": 0, "label": f"A: {a.name}", **snapshot(a)},
+                      {"index": 1, "label": f"B: {b.name}", **snapshot(b)}],
     }
     if numerics:
         out.update(_numerics(a, b, pairs, inputs, seed, max_layers))
@@ -289,7 +291,9 @@ def format_text(d: dict[str, Any], *, limit: int = 20) -> str:
 
 def write_html(d: dict[str, Any], path: str | Path) -> Path:
     """A self-contained HTML page of the diff (no scripts from the network): the summary, the changed /
-    removed / added nodes, per-output and per-layer drift, and the side-by-side IR text diff."""
+    removed / added nodes, per-output and per-layer drift, B's graph with added / changed nodes outlined
+    against A and the per-layer drift as an overlay (the report's viewer), and the side-by-side IR text
+    diff."""
     from .ir.onnx_io import write_bytes_atomic
 
     esc = html.escape
@@ -301,12 +305,19 @@ def write_html(d: dict[str, Any], path: str | Path) -> Path:
         body = "".join("<tr>" + "".join(f"<td>{esc(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
         return f"<table><tr>{head}</tr>{body}</table>"
 
+    def fold(body: str, n: int) -> str:
+        return body if n <= 20 else f"<details><summary>show {n} rows</summary>{body}</details>"
+
     stats = [{"metric": k, "A": f"{x:,}", "B": f"{y:,}", "B/A": f"{y / x:.3f}" if x else "-"}
              for k, (x, y) in d["stats"].items()]
     changed = [{"node": r["a"], "op": r["op"], "why": "; ".join(r["why"])} for r in d["changed"]]
     outs = [{"output": k, **{m: f"{v:.4g}" for m, v in s.items()}} for k, s in d.get("outputs", {}).items()]
     layers = [{"node": r["a"], "op": r["op"], "rel_l2": f"{r['rel_l2']:.3e}", "cosine": f"{r['cosine']:.6f}"}
               for r in d.get("layers", [])]
+    from .report_html import GRAPH_CSS, graph_section
+
+    drift = {r["b"]: r["rel_l2"] for r in d.get("layers", [])}
+    graph = graph_section(d["snapshots"], {"drift rel_l2": drift} if drift else {}, stage=1, base=0)
     irdiff = difflib.HtmlDiff(wrapcolumn=110).make_table(d["ir_a"].splitlines(), d["ir_b"].splitlines(),
                                                          fromdesc=esc(d["a"]), todesc=esc(d["b"]), context=True,
                                                          numlines=2)
@@ -314,14 +325,17 @@ def write_html(d: dict[str, Any], path: str | Path) -> Path:
 body{{font:14px system-ui,sans-serif;margin:1.5em;max-width:1400px}} table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}} th{{background:#eee}}
 table.diff td{{font:12px monospace;border:none}} .diff_add{{background:#cfc}} .diff_chg{{background:#ffb}}
-.diff_sub{{background:#fcc}} h2{{margin-top:1.2em}}</style></head><body>
+.diff_sub{{background:#fcc}} h2{{margin-top:1.2em}}
+{GRAPH_CSS}</style></head><body>
 <h1>diff {esc(d['a'])} &rarr; {esc(d['b'])}</h1>
 <p>{d['matched']} nodes matched ({d['unchanged']} unchanged, {len(d['changed'])} changed), {len(d['removed'])} removed,
 {len(d['added'])} added.</p>{table(stats, ["metric", "A", "B", "B/A"])}
 <h2>Outputs</h2>{table(outs, list(outs[0].keys()) if outs else [])}
 <h2>Changed nodes</h2>{table(changed, ["node", "op", "why"])}
-<h2>Removed nodes</h2>{table(d['removed'], ["name", "op"])}<h2>Added nodes</h2>{table(d['added'], ["name", "op"])}
-<h2>Per-layer drift</h2>{table(layers, ["node", "op", "rel_l2", "cosine"])}
+<h2>Graph (B, outlined against A; overlay: per-layer drift)</h2>{graph}
+<h2>Removed nodes ({len(d['removed'])})</h2>{fold(table(d['removed'], ["name", "op"]), len(d['removed']))}
+<h2>Added nodes ({len(d['added'])})</h2>{fold(table(d['added'], ["name", "op"]), len(d['added']))}
+<h2>Per-layer drift</h2>{fold(table(layers, ["node", "op", "rel_l2", "cosine"]), len(layers))}
 <h2>IR text diff</h2>{irdiff}</body></html>"""
     return write_bytes_atomic(Path(path), page.encode())
 
@@ -351,7 +365,8 @@ def cmd_diff(args) -> int:
     inputs = load_inputs(args.inputs, a) if args.inputs else None
     d = diff_models(a, b, inputs=inputs, seed=args.seed, numerics=not args.no_numerics)
     if args.json:
-        print(json.dumps({k: v for k, v in d.items() if k not in ("ir_a", "ir_b")}, indent=1, default=float))
+        print(json.dumps({k: v for k, v in d.items() if k not in ("ir_a", "ir_b", "snapshots")}, indent=1,
+                         default=float))
     else:
         print(format_text(d))
     if args.output:

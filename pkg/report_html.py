@@ -215,17 +215,42 @@ def _ir_diffs(snaps: list[dict[str, Any]]) -> str:
     return "".join(out) or "<p><i>no pass changed the graph</i></p>"
 
 
+GRAPH_CSS = """#graphbox{border:1px solid #aaa;height:70vh;position:relative;overflow:hidden;background:#fcfcfc}
+#graph{width:100%;height:100%;cursor:grab} #controls > *{margin-right:.6em} #side{font-size:12px;max-height:12em;overflow:auto}
+.node rect{stroke:#555;stroke-width:1} .node text{font-size:11px;pointer-events:none} .group rect{stroke-dasharray:4 2;fill:#eef}
+.hit rect{stroke:#e67e22;stroke-width:3} .added rect{stroke:#27ae60;stroke-width:3} .changed rect{stroke:#d35400;stroke-width:3}
+#legend{display:inline-block;vertical-align:middle}"""
+
+
+def graph_section(snaps: list[dict[str, Any]], overlays: dict[str, dict[str, float]], *, stage: int | None = None,
+                  base: int = -1) -> str:
+    """The interactive graph view (controls, SVG, data and scripts) of ``snaps`` (snapshot dicts with
+    ``index`` / ``label``), with per-node ``overlays``; ``stage`` / ``base``: the stages shown and
+    compared first (default: the last one, no comparison). Needs :data:`GRAPH_CSS` in the page."""
+    stages = []
+    for sn in snaps:
+        nodes = [{**n, "path": module_path(n["source"], n["op"])} for n in sn["nodes"]]
+        stages.append({"index": sn["index"], "label": sn["label"], "nodes": nodes, "inputs": sn["inputs"],
+                       "outputs": sn["outputs"]})
+    data = {"stages": stages, "overlays": overlays,
+            "defaults": {"stage": len(stages) - 1 if stage is None else stage, "base": base}}
+    payload = json.dumps(data, separators=(",", ":"), default=float).replace("</", "<\\/")
+    dagre = (_VENDOR / "dagre.min.js").read_text()
+    return f"""<div id="controls">stage <select id="stage"></select> compare with <select id="base"></select>
+overlay <select id="overlay"></select> <input id="search" placeholder="search name / op / module" size="28">
+<button id="expand">expand all</button><button id="collapse">collapse all</button><button id="fit">fit</button>
+<span id="legend"></span> <span id="status"></span></div>
+<div id="graphbox"><svg id="graph"></svg></div><div id="side"></div>
+<script>window.addEventListener('error', e => {{ const b = document.body.dataset;
+b.errors = String(+(b.errors || 0) + 1); b.errmsg = String(e.message).slice(0, 300); }});</script>
+<script type="application/json" id="data">{payload}</script>
+<script>{dagre}</script>
+<script>{_JS}</script>"""
+
+
 def build_html(report: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
     """The page as a string (see the module docstring)."""
     overlays = overlays_from_report(report)
-    stages = []
-    for s in snaps:
-        nodes = [{**n, "path": module_path(n["source"], n["op"])} for n in s["nodes"]]
-        stages.append({"index": s["index"], "label": s["label"], "nodes": nodes, "inputs": s["inputs"],
-                       "outputs": s["outputs"]})
-    data = {"stages": stages, "overlays": overlays}
-    payload = json.dumps(data, separators=(",", ":"), default=float).replace("</", "<\\/")
-    dagre = (_VENDOR / "dagre.min.js").read_text()
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in report.get("warnings", []))
     title = html.escape(str(report.get("model", "model")))
     summ = report.get("summary") or {}
@@ -237,12 +262,8 @@ body{{font:14px system-ui,sans-serif;margin:1em 1.5em;color:#222}} h2{{margin:1.
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12.5px;vertical-align:top}}
 th{{background:#eee}} p.pipe code{{word-break:break-all;font-size:11.5px;color:#555}} tr.noop{{color:#888}} .warn{{background:#fff3cd;border:1px solid #e0c060;padding:.5em 1em}}
 svg.plot text{{font-size:11px}} figure{{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}}
-#graphbox{{border:1px solid #aaa;height:70vh;position:relative;overflow:hidden;background:#fcfcfc}}
-#graph{{width:100%;height:100%;cursor:grab}} #controls > *{{margin-right:.6em}} #side{{font-size:12px;max-height:12em;overflow:auto}}
-.node rect{{stroke:#555;stroke-width:1}} .node text{{font-size:11px;pointer-events:none}} .group rect{{stroke-dasharray:4 2;fill:#eef}}
-.hit rect{{stroke:#e67e22;stroke-width:3}} .added rect{{stroke:#27ae60;stroke-width:3}} .changed rect{{stroke:#d35400;stroke-width:3}}
 pre{{font:12px monospace;background:#f7f7f7;padding:.5em;overflow:auto;max-height:30em}} .add{{color:#1e7e34}} .del{{color:#b02a37}}
-#legend{{display:inline-block;vertical-align:middle}}
+{GRAPH_CSS}
 </style></head><body>
 <h1>nnsculpt report: {title}</h1>
 <p class="pipe">pipeline <code>{html.escape(str(report.get("pipeline", "")))}</code><br>{summary}</p>
@@ -250,17 +271,8 @@ pre{{font:12px monospace;background:#f7f7f7;padding:.5em;overflow:auto;max-heigh
 <h2>Pipeline</h2>{_timeline(report)}
 <h2>Plots</h2>{_plots(report, overlays)}
 <h2>Graph</h2>
-<div id="controls">stage <select id="stage"></select> compare with <select id="base"></select>
-overlay <select id="overlay"></select> <input id="search" placeholder="search name / op / module" size="28">
-<button id="expand">expand all</button><button id="collapse">collapse all</button><button id="fit">fit</button>
-<span id="legend"></span> <span id="status"></span></div>
-<div id="graphbox"><svg id="graph"></svg></div><div id="side"></div>
+{graph_section(snaps, overlays)}
 <h2>IR diffs</h2>{_ir_diffs(snaps)}
-<script>window.addEventListener('error', e => {{ const b = document.body.dataset;
-b.errors = String(+(b.errors || 0) + 1); b.errmsg = String(e.message).slice(0, 300); }});</script>
-<script type="application/json" id="data">{payload}</script>
-<script>{dagre}</script>
-<script>{_JS}</script>
 </body></html>
 """
 
@@ -282,7 +294,7 @@ D.stages.forEach((s, i) => {
   stageSel.add(new Option(`${s.index}. ${s.label} (${s.nodes.length} nodes)`, i));
   baseSel.add(new Option(`${s.index}. ${s.label}`, i));
 });
-baseSel.add(new Option('none', -1), 0); baseSel.value = -1; stageSel.value = D.stages.length - 1;
+baseSel.add(new Option('none', -1), 0); baseSel.value = D.defaults.base; stageSel.value = D.defaults.stage;
 ['none', 'params', 'macs'].concat(Object.keys(D.overlays).sort()).forEach(k => ovSel.add(new Option(k, k)));
 let expanded = new Set(), view = {x: 0, y: 0, w: 1000, h: 800}, layoutBox = null;
 const key = p => p.join('.');

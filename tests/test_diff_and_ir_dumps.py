@@ -336,3 +336,23 @@ def test_report_html_of_a_real_pipeline_on_a_thirdparty_model_in_chromium(tmp_pa
     assert shot.exists() and shot.stat().st_size > 10_000
     if os.environ.get("NNSCULPT_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["NNSCULPT_SCREENSHOTS"]) / "report_pplcnet.png")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium) for the browser test")
+def test_diff_html_draws_b_against_a_in_chromium(tmp_path):
+    import re
+    import subprocess
+
+    a = tmp_path / "a.onnx"
+    assert cli_main(["compile", "zoo:digits_resnet", "-p", "fold-bn", "-o", str(a)]) == 0
+    b = tmp_path / "b.onnx"
+    assert cli_main(["compile", str(a), "-p", "cluster-weights{bits=4}", "-o", str(b)]) == 0
+    page = tmp_path / "d.html"
+    assert cli_main(["diff", str(a), str(b), "-o", str(page)]) == 0
+    dom = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", page.resolve().as_uri() + "#expand&overlay=drift%20rel_l2"],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert re.search(r'data-rendered="\d+"', dom) and "data-errors" not in dom
+    assert int(re.search(r'<span id="status">(\d+) boxes', dom).group(1)) == 64
+    assert 'class="node added"' in dom and 'class="node changed"' in dom
+    assert "<svg" in dom.split('<span id="legend">')[1].split("</span>")[0]
