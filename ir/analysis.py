@@ -290,7 +290,7 @@ def graph_stats(g: Graph) -> GraphStats:
 
 def snapshot(g: Graph) -> dict:
     """A light, JSON-ready picture of the graph for inspection tools (the HTML report): per node its
-    name, op, provenance, input / output value names, MACs, params, and a signature that changes when
+    name, op, provenance, input / output value names, first output shape, MACs, params, and a signature that changes when
     its op, attributes or constant inputs change; plus the graph's inputs / outputs and IR text."""
     import hashlib
 
@@ -310,7 +310,10 @@ def snapshot(g: Graph) -> dict:
         c = costs.get(n.name)
         nodes.append({"name": n.name, "op": n.op_type, "source": n.source,
                       "inputs": [v.name for v in n.inputs if v is not None and not v.is_const],
-                      "outputs": [v.name for v in n.outputs], "macs": c.macs if c else 0,
+                      "outputs": [v.name for v in n.outputs],
+                      "shape": None if not n.outputs or n.outputs[0].shape is None else
+                      [d if isinstance(d, int) else str(d) for d in n.outputs[0].shape],
+                      "macs": c.macs if c else 0,
                       "params": c.params if c else 0, "sig": h.hexdigest()[:12]})
     return {"nodes": nodes, "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
             "ir": print_graph(g)}

@@ -10,11 +10,13 @@ re-lays the graph out on the spot. Sections:
   MACs / weight bytes before -> after, drift vs the input, warnings and notes;
 * plots (inline SVG): size, MACs and drift (cosine, top-1 agreement) per stage, per-layer metrics from the passes' artifacts
   (weight / output errors, ranks, bits, sparsities, sensitivities), the calibration histograms of
-  quantize with the clip range its method chose (the most clipped tensors), the budget search curve;
+  quantize with the clip range its method chose and, dashed, what max / percentile / mse / kl would
+  choose (the 12 most clipped tensors), the budget search curve;
 * the graph at any stage (input, after each pass that changed it), drawn with dagre, collapsed
   by module path (provenance ``layer1.0.conv1`` -> ``layer1`` / ``layer1.0``; click a box to
   expand or collapse it), searchable, zoomable (wheel) and pannable (drag), with per-node
-  overlays coloured on a scale with a legend: params, MACs, and every per-layer number the passes
+  overlays coloured on a scale with a legend: params, MACs, output channels, the share of params /
+  MACs / channels removed against the compared stage, and every per-layer number the passes
   reported;
 * a diff between any two stages: nodes added / changed (op, attributes or constant inputs) shown
   on the later graph, removed ones listed, and the IR text diff of every pass that changed the graph.
@@ -117,6 +119,9 @@ def _curve(title: str, pts: list[tuple[float, float]], xlab: str, ylab: str, wid
             f'<path d="{path}" fill="none" stroke="#c0392b" stroke-opacity=".4"/>{dots}</svg></figure>')
 
 
+_METHOD_COLOURS = {"max": "#2c3e50", "percentile": "#8e44ad", "mse": "#16a085", "kl": "#d68910"}
+
+
 def _histogram(name: str, h: dict[str, Any], width: int = 300, height: int = 120) -> str:
     counts = h.get("counts") or []
     if not counts:
@@ -133,6 +138,11 @@ def _histogram(name: str, h: dict[str, Any], width: int = 300, height: int = 120
                    f'height="{(y1 - 22) * math.sqrt(c / cmax):.1f}" fill="#7f9fc0"/>' for i, c in enumerate(counts))
     lines = "".join(f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="20" y2="{y1}" stroke="#c0392b" stroke-width="2"/>'
                     for v in (h["lo"], h["hi"]) if h["min"] <= v <= h["max"])
+    # the other methods' choices, dashed, one colour each (the legend is under the heading)
+    for m, (lo, hi) in (h.get("ranges") or {}).items():
+        lines += "".join(f'<line x1="{sx(v):.1f}" x2="{sx(v):.1f}" y1="20" y2="{y1}" stroke="{_METHOD_COLOURS.get(m, "#555")}" '
+                         f'stroke-width="1.2" stroke-dasharray="3 2"><title>{m}: {v:.4g}</title></line>'
+                         for v in (lo, hi) if h["min"] <= v <= h["max"])
     return (f'<figure><svg class="plot" width="{width}" height="{height}"><text x="4" y="13">'
             f'{html.escape(name[-44:])}</text>{bars}{lines}<text x="4" y="{height - 14}">data [{h["min"]:.3g}, '
             f'{h["max"]:.3g}]  clip [{h["lo"]:.3g}, {h["hi"]:.3g}]</text><text x="4" y="{height - 2}">'
@@ -165,8 +175,10 @@ def _plots(report: dict[str, Any], overlays: dict[str, dict[str, float]]) -> str
                 span = (h["max"] - h["min"]) or 1.0
                 return (max(0.0, h["max"] - h["hi"]) + max(0.0, h["lo"] - h["min"])) / span
             items = sorted(cal.items(), key=lambda kv: -clipped(kv[1]))[:12]
+            legend = ", ".join(f'<span style="color:{c}">{m}</span>' for m, c in _METHOD_COLOURS.items())
             parts.append(f"<h3>{html.escape(e['name'])}: calibration histograms (12 most clipped of {len(cal)}; "
-                         f"red: the range {html.escape(str(items[0][1].get('method')))} chose)</h3>")
+                         f"red: the range {html.escape(str(items[0][1].get('method')))} chose; dashed: what "
+                         f"{legend} would choose)</h3>")
             parts.extend(_histogram(name, h) for name, h in items)
     for e in report["passes"]:
         curve = (e.get("artifacts") or {}).get("budget_curve")
@@ -295,7 +307,22 @@ D.stages.forEach((s, i) => {
   baseSel.add(new Option(`${s.index}. ${s.label}`, i));
 });
 baseSel.add(new Option('none', -1), 0); baseSel.value = D.defaults.base; stageSel.value = D.defaults.stage;
-['none', 'params', 'macs'].concat(Object.keys(D.overlays).sort()).forEach(k => ovSel.add(new Option(k, k)));
+const DELTAS = ['Δ params vs compare', 'Δ MACs vs compare', 'Δ channels vs compare'];
+['none', 'params', 'macs', 'channels'].concat(DELTAS, Object.keys(D.overlays).sort()).forEach(k => ovSel.add(new Option(k, k)));
+const chans = n => (n.shape && n.shape.length > 1 && typeof n.shape[1] === 'number') ? n.shape[1] : null;
+function overlayValues(ov, st, base) {   // node name -> value of the chosen overlay
+  if (ov === 'params' || ov === 'macs') return new Map(st.nodes.map(n => [n.name, n[ov]]));
+  if (ov === 'channels') return new Map(st.nodes.filter(n => chans(n) !== null && (n.params || n.macs)).map(n => [n.name, chans(n)]));
+  if (DELTAS.includes(ov)) {             // the share removed against the compare stage (same node name)
+    if (!base) return new Map();
+    const f = ov.startsWith('Δ params') ? n => n.params : ov.startsWith('Δ MACs') ? n => n.macs : chans;
+    const b = new Map(base.nodes.map(n => [n.name, n])), out = new Map();
+    st.nodes.forEach(n => { const m = b.get(n.name); if (!m) return; const x = f(m), y = f(n);
+      if (x && y !== null && x > 0) out.set(n.name, Math.max(0, (x - y) / x)); });
+    return out;
+  }
+  return ov !== 'none' ? new Map(Object.entries(D.overlays[ov] || {})) : new Map();
+}
 let expanded = new Set(), view = {x: 0, y: 0, w: 1000, h: 800}, layoutBox = null;
 const key = p => p.join('.');
 function groupOf(n) {            // the collapsed group a node is drawn in, or null (drawn itself)
@@ -310,7 +337,7 @@ function render() {
   const baseSig = base ? new Map(base.nodes.map(n => [n.name, n.sig])) : null;
   const status = new Map();
   if (base) st.nodes.forEach(n => status.set(n.name, !baseSig.has(n.name) ? 'added' : baseSig.get(n.name) !== n.sig ? 'changed' : ''));
-  const vals = ov === 'params' || ov === 'macs' ? new Map(st.nodes.map(n => [n.name, n[ov]])) : ov !== 'none' ? new Map(Object.entries(D.overlays[ov] || {})) : new Map();
+  const vals = overlayValues(ov, st, base);
   let vmax = 0; vals.forEach(v => { if (v > vmax) vmax = v; });
   const g = new dagre.graphlib.Graph({multigraph: false}); g.setGraph({rankdir: 'TB', nodesep: 18, ranksep: 28}); g.setDefaultEdgeLabel(() => ({}));
   const producer = new Map(), members = new Map();

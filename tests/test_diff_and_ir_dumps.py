@@ -356,3 +356,29 @@ def test_diff_html_draws_b_against_a_in_chromium(tmp_path):
     assert int(re.search(r'<span id="status">(\d+) boxes', dom).group(1)) == 64
     assert 'class="node added"' in dom and 'class="node changed"' in dom
     assert "<svg" in dom.split('<span id="legend">')[1].split("</span>")[0]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium) for the browser test")
+def test_report_overlays_removed_share_and_calibration_methods(tmp_path):
+    """prune-channels{ratio=0.5}: the 'Δ channels vs compare' overlay against the input colours the
+    pruned convs (legend up to 0.5); quantize's plotted histograms carry every method's range."""
+    import re
+    import subprocess
+
+    from nnsculpt.models.data import digits_npz
+
+    calib = digits_npz(tmp_path / "c.npz", "train", 64)
+    rep = tmp_path / "rep"
+    assert cli_main(["compile", "zoo:digits_resnet", "-p", "fold-bn,prune-channels{ratio=0.5},quantize",
+                     "--calib-data", str(calib), "-o", str(tmp_path / "q.onnx"), "--report", str(rep)]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    cal = next(e for e in report["passes"] if e["name"] == "quantize")["artifacts"]["calibration"]
+    with_ranges = [h for h in cal.values() if "ranges" in h]
+    assert len(with_ranges) == min(12, len(cal))
+    assert all(set(h["ranges"]) == {"max", "percentile", "mse", "kl"} for h in with_ranges)
+    url = (rep / "report.html").resolve().as_uri() + "#expand&stage=2&base=0&overlay=" + "Δ channels vs compare"
+    dom = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert "data-errors" not in dom
+    legend = dom.split('<span id="legend">')[1].split("</span>")[0]
+    assert re.search(r"0 \.\. 0\.500", legend), legend

@@ -114,12 +114,29 @@ def calibrate(q: "Quantize", graph: Graph, state: QuantRun, names: list[str]) ->
                 raise PassOptionError(f"pass 'quantize': {e}") from None
             s, z = compute_qparams(lo, hi, act_dt, symmetric=o.symmetric)
             out[n] = ActQuant(s, z, lo, hi)
-        state.artifacts["calibration"] = {n: _histogram_summary(hists[n], out[n], o.calibration) for n in todo}
+        summary = {n: _histogram_summary(hists[n], out[n], o.calibration) for n in todo}
+        # for the report's plots: what every method would choose, on the 12 tensors the chosen one clips most
+        for n in sorted(todo, key=lambda t: -_clipped_share(summary[t]))[:12]:
+            ranges = {}
+            for m in ("max", "percentile", "mse", "kl"):
+                try:
+                    ranges[m] = [float(x) for x in compute_range(hists[n], m, dtype=act_dt, symmetric=o.symmetric,
+                                                                 percentile=o.percentile)]
+                except ValueError:
+                    continue
+            summary[n]["ranges"] = ranges
+        state.artifacts["calibration"] = summary
     for n in names:
         if n in q.act_overrides:
             s, z = q.act_overrides[n]
             out[n] = ActQuant(np.float32(s), np.array(z).astype(act_dt)[()])
     return out
+
+
+def _clipped_share(h: dict) -> float:
+    """The share of the data range a chosen clip range cuts off (0 when it covers it all)."""
+    span = (h["max"] - h["min"]) or 1.0
+    return (max(0.0, h["max"] - h["hi"]) + max(0.0, h["lo"] - h["min"])) / span
 
 
 def _histogram_summary(h, q: ActQuant, method: str, bins: int = 48) -> dict:
