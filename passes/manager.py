@@ -16,7 +16,9 @@ params / FLOPs / MACs / bytes before and after. Optionally it
 * dumps the IR text (``dump_dir``: ``NN-pass.ir.txt``, ``NN`` the pass's position, ``00-input``) and/or
   streams it (``print_ir``): after every pass (``print_ir_after="all"``), only after the passes that
   changed the graph (``"change"``, MLIR's ``-print-ir-after-change``; the input too), or only after
-  the passes named in a list (``-print-ir-after=PASS``).
+  the passes named in a list (``-print-ir-after=PASS``),
+* with ``stage_latency``: times the input and the graph after every pass that changed it in ONNX
+  Runtime (one sample, 1 thread, median of interleaved rounds) into ``report["stage_latency"]``.
 
 Before each pass its declared requirements are met (:mod:`nnsculpt.passes.requirements`):
 an enabling pass (``fold-bn`` for ``bn-folded``, ``raise-opset`` for ``opset>=N``) runs as an
@@ -41,11 +43,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
+import onnx
 
 from .. import __version__
 from ..ir.analysis import graph_stats, snapshot
 from ..ir.errors import DriftError, InputDataError, NNSculptError, NumericsError, VerificationError
 from ..ir.graph import Graph
+from ..ir.onnx_io import to_onnx_model
 from ..ir.printer import print_graph
 from ..ir.verifier import verify as verify_graph
 from .base import InsertedPass, Pass, PassContext, PassResult, jsonable
@@ -98,9 +102,10 @@ class PassManager:
                  stats: bool = True, min_top1: float = 0.98, min_cosine: float = 0.99,
                  max_rel_drift: float | None = None, fail_on_drift: bool = False, enforce_exact: bool = True,
                  check_samples: int = 32, print_ir_after: str | Sequence[str] = "all",
-                 snapshots: bool = False):
+                 snapshots: bool = False, stage_latency: bool = False):
         self.passes = list(passes)
         self.snapshots = snapshots
+        self.stage_latency = stage_latency
         self.print_ir_after = print_ir_after
         self.verify = verify
         self.check_numerics = check_numerics
@@ -169,6 +174,8 @@ class PassManager:
         report["before"] = before
         self._emit_ir(graph, 0, "input")
         snaps: list[dict[str, Any]] = [{"index": 0, "label": "input", **snapshot(graph)}] if self.snapshots else []
+        stage_models: list[tuple[int, str, bytes]] = (
+            [(0, "input", to_onnx_model(graph, check=False).SerializeToString())] if self.stage_latency else [])
 
         state: dict[str, Any] = {"ref": None, "prev": None, "inputs": None, "stats": before, "index": 0,
                                  "warnings": [], "results": []}
@@ -219,6 +226,8 @@ class PassManager:
             self._emit_ir(graph, state["index"], p.name, res.changed)
             if self.snapshots and res.changed:
                 snaps.append({"index": state["index"], "label": p.name, **snapshot(graph)})
+            if self.stage_latency and res.changed:
+                stage_models.append((state["index"], p.name, to_onnx_model(graph, check=False).SerializeToString()))
             return res
 
         for p in self.passes:
@@ -236,7 +245,24 @@ class PassManager:
             report["numerics"] = {"inputs": shapes_of(state["inputs"]),
                                   **_max_rel(state["ref"], state["prev"])}
         report["warnings"] = state["warnings"]
+        if stage_models:
+            report["stage_latency"] = self._time_stages(stage_models, state.get("inputs"), ctx)
         return RunResult(graph, report, ctx, state["results"], snaps)
+
+    @staticmethod
+    def _time_stages(models: list[tuple[int, str, bytes]], inputs: Any, ctx: PassContext) -> list[dict[str, Any]]:
+        """ORT latency of the input and of the graph after every pass that changed it: one sample (the
+        first of the drift check's inputs, else generated), 1 thread, median of interleaved rounds."""
+        from ..ir.onnx_io import from_onnx_model
+        from ..runtime.ort import interleaved_median, iter_elements, make_inputs, single_thread_sessions, take_samples
+
+        feed = next(iter_elements(take_samples(inputs, 1))) if inputs is not None else \
+            make_inputs(from_onnx_model(onnx.load_from_string(models[0][2])), batch=1, seed=ctx.seed)
+        sessions = single_thread_sessions({f"{i}": b for i, _, b in models})
+        t = interleaved_median(sessions, feed, rounds=7, inner=5, warmup=3)
+        base = t["0"]
+        return [{"index": i, "label": name, "ms": 1e3 * t[f"{i}"], "ratio": t[f"{i}"] / base if base else None}
+                for i, name, _ in models]
 
     def _after(self, graph: Graph, p: Pass, entry: dict[str, Any], state: dict[str, Any]) -> None:
         """Verify, measure and check numerics after pass ``p``; fills ``entry``."""

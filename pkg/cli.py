@@ -149,7 +149,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                      print_ir=sys.stderr if printing else None, print_ir_after=when,
                      min_top1=args.min_top1, min_cosine=args.min_cosine, max_rel_drift=args.max_drift,
                      fail_on_drift=args.fail_on_drift, enforce_exact=args.verify, sample_inputs=check_inputs,
-                     snapshots=bool(args.report))
+                     snapshots=bool(args.report), stage_latency=args.report_latency)
     result = pm.run(g, ctx)
     if not args.verify:
         verify(result.graph)
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "files; default: the first samples of --calib-data, else generated from the input types)")
     s.add_argument("--report", metavar="DIR", help="write report.json and report.html (a self-contained page: "
                    "timeline, plots, the graph at every stage with overlays and diffs) into DIR")
+    s.add_argument("--report-latency", action="store_true",
+                   help="also time every stage (the input, after each pass that changed the graph) in ONNX Runtime "
+                        "(one sample, 1 thread) for report.json / report.html")
     s.add_argument("--print-ir-after-all", action="store_true",
                    help="print the IR after every pass to stderr (and to DIR/ir/NN-pass.ir.txt with --report)")
     s.add_argument("--print-ir-after-change", action="store_true",

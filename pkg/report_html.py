@@ -8,7 +8,8 @@ re-lays the graph out on the spot. Sections:
 
 * the pipeline as a timeline: per pass its time, whether it changed the graph, nodes / params /
   MACs / weight bytes before -> after, drift vs the input, warnings and notes;
-* plots (inline SVG): size, MACs and drift (cosine, top-1 agreement) per stage, per-layer metrics from the passes' artifacts
+* plots (inline SVG): size, MACs, drift (cosine, top-1 agreement) and, with ``--report-latency``, ORT
+  latency per stage, per-layer metrics from the passes' artifacts
   (weight / output errors, ranks, bits, sparsities, sensitivities), the calibration histograms of
   quantize with the clip range its method chose and, dashed, what max / percentile / mse / kl would
   choose (the 12 most clipped tensors), the budget search curve;
@@ -155,6 +156,10 @@ def _plots(report: dict[str, Any], overlays: dict[str, dict[str, float]]) -> str
     for key, title in (("weight_bytes", "weight bytes per stage"), ("macs", "MACs per stage")):
         vals = [float(s.get(key, 0) or 0) for _, s in stages]
         parts.append(_bars(title, [f"{i}. {n}" for i, (n, _) in enumerate(stages)], vals, "{:,.0f}"))
+    lat = report.get("stage_latency") or []
+    if lat:
+        parts.append(_bars("ORT latency per stage (one sample, 1 thread; x = ratio to the input)", [f"{s['index']}. {s['label']} (x{s['ratio']:.2f})" for s in lat],
+                           [float(s["ms"]) for s in lat], "{:.3f} ms"))
     drift = [(e["name"], e["drift_vs_input"]) for e in report["passes"] if e.get("drift_vs_input")]
     if drift:
         labels = [f"{i}. {n}" for i, (n, _) in enumerate(drift, 1)]

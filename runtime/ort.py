@@ -534,3 +534,32 @@ def _compare_lists(a, b) -> dict[str, float]:
         if rows:
             entry["top1_agreement"] = agree / rows
     return entry
+
+
+# ------------------------------------------------------------------------------ timing
+def single_thread_sessions(models: Mapping[str, bytes]) -> dict[str, ort.InferenceSession]:
+    """One CPU session per model, 1 intra-op and 1 inter-op thread."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    so.log_severity_level = 4
+    return {k: ort.InferenceSession(b, sess_options=so, providers=["CPUExecutionProvider"]) for k, b in models.items()}
+
+
+def interleaved_median(sessions: Mapping[str, Any], feed: Mapping[str, Any], *, rounds: int, inner: int,
+                       warmup: int) -> dict[str, float]:
+    """Median seconds per call of each session: ``warmup`` calls each, then ``rounds`` interleaved rounds
+    of ``inner`` calls of every session (machine noise hits all models alike; compare them as ratios)."""
+    import statistics
+    import time
+
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                s.run(None, feed)
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}

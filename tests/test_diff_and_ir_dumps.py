@@ -382,3 +382,18 @@ def test_report_overlays_removed_share_and_calibration_methods(tmp_path):
     assert "data-errors" not in dom
     legend = dom.split('<span id="legend">')[1].split("</span>")[0]
     assert re.search(r"0 \.\. 0\.500", legend), legend
+
+
+def test_report_latency_per_stage(tmp_path):
+    from nnsculpt.models.data import digits_npz
+
+    calib = digits_npz(tmp_path / "c.npz", "train", 32)
+    rep = tmp_path / "rep"
+    assert cli_main(["compile", "zoo:digits_resnet", "-p", "dce,fold-bn,quantize", "--calib-data", str(calib),
+                     "-o", str(tmp_path / "q.onnx"), "--report", str(rep), "--report-latency"]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    lat = report["stage_latency"]
+    assert [s["label"] for s in lat] == ["input", "fold-bn", "quantize"]      # dce changed nothing
+    assert lat[0]["ratio"] == 1.0 and all(s["ms"] > 0 for s in lat)
+    page = (rep / "report.html").read_text()
+    assert "ORT latency per stage" in page and f"{lat[1]['ms']:.3f} ms" in page
