@@ -202,8 +202,7 @@ def _numerics(a: Graph, b: Graph, pairs, inputs, seed: int, max_layers: int) -> 
 
     if inputs is None:
         inputs = make_inputs(a, batch=2, seed=seed)
-    ra, rb = run(a, inputs), run(b, inputs)
-    outputs = compare_outputs(ra, {k: rb[k] for k in ra if k in rb}) if set(ra) & set(rb) else {}
+    out_a, out_b = [o.name for o in a.outputs], {o.name for o in b.outputs}
     # per layer: matched pairs with a float output of the same (static) shape on both sides
     cands = []
     for x, y in pairs:
@@ -216,33 +215,30 @@ def _numerics(a: Graph, b: Graph, pairs, inputs, seed: int, max_layers: int) -> 
     if len(cands) > max_layers:
         idx = np.linspace(0, len(cands) - 1, max_layers).round().astype(int)
         cands = [cands[i] for i in sorted(set(idx.tolist()))]
+    # one ORT run per model: its graph outputs plus the matched layers' outputs exposed as extra outputs
+    ga, gb = a.copy(), b.copy()
+    for g, names in ((ga, [x.outputs[0].name for x, _ in cands]), (gb, [y.outputs[0].name for _, y in cands])):
+        vals = {v.name: v for v in g.iter_values()}
+        have = {o.name for o in g.outputs}
+        g.outputs.extend(vals[n] for n in dict.fromkeys(names) if n not in have)
+    extra: dict[str, Any] = {}
+    try:
+        ra, rb = run(ga, inputs), run(gb, inputs)
+    except Exception as e:  # an intermediate ORT cannot expose: per-output numbers only
+        extra["layers_error"] = str(e).splitlines()[0][:300]
+        ra, rb, cands = run(a, inputs), run(b, inputs), []
+    common = {k: rb[k] for k in out_a if k in out_b}
+    outputs = compare_outputs({k: ra[k] for k in common}, common) if common else {}
     layers = []
-    if cands:
-        ga, gb = a.copy(), b.copy()
-        va = {v.name: v for v in ga.iter_values()}
-        vb = {v.name: v for v in gb.iter_values()}
-        names_a, names_b = [], []
-        for x, y in cands:
-            if x.outputs[0].name in va and y.outputs[0].name in vb:
-                names_a.append(x.outputs[0].name)
-                names_b.append(y.outputs[0].name)
-        for g, vals, names in ((ga, va, names_a), (gb, vb, names_b)):
-            have = {o.name for o in g.outputs}
-            g.outputs.extend(vals[n] for n in dict.fromkeys(names) if n not in have)
-        try:
-            oa, ob = run(ga, inputs), run(gb, inputs)
-        except Exception as e:  # an intermediate ORT cannot expose: per-output numbers only
-            return {"outputs": outputs, "layers": [], "layers_error": str(e).splitlines()[0][:300]}
-        for (x, y), na, nb in zip(cands, names_a, names_b):
-            p, q = np.asarray(oa[na], np.float64), np.asarray(ob[nb], np.float64)
-            if p.shape != q.shape:
-                continue
-            den = float(np.linalg.norm(p))
-            rel = float(np.linalg.norm(p - q) / den) if den > 0 else float(np.linalg.norm(q))
-            cos = float((p * q).sum() / max(np.linalg.norm(p) * np.linalg.norm(q), 1e-30))
-            layers.append({"a": x.name, "b": y.name, "source": _key(x), "op": x.op_type, "rel_l2": rel,
-                           "cosine": cos})
-    return {"outputs": outputs, "layers": layers}
+    for x, y in cands:
+        p, q = np.asarray(ra[x.outputs[0].name], np.float64), np.asarray(rb[y.outputs[0].name], np.float64)
+        if p.shape != q.shape:
+            continue
+        den = float(np.linalg.norm(p))
+        rel = float(np.linalg.norm(p - q) / den) if den > 0 else float(np.linalg.norm(q))
+        cos = float((p * q).sum() / max(np.linalg.norm(p) * np.linalg.norm(q), 1e-30))
+        layers.append({"a": x.name, "b": y.name, "source": _key(x), "op": x.op_type, "rel_l2": rel, "cosine": cos})
+    return {"outputs": outputs, "layers": layers, **extra}
 
 
 # ------------------------------------------------------------------------------ output
