@@ -537,25 +537,10 @@ class Graph:
             if node.op_type == "Gather" and len(node.inputs) == 2 and node.inputs[0] is not None \
                     and node.inputs[0].is_const and node.inputs[0].const.dtype.kind == "f" \
                     and node.inputs[1] is not None and not node.inputs[1].is_const \
-                    and self._decoded_from_constants(node.inputs[1]) and node.outputs[0].shape is not None \
+                    and _integer_chain(node.inputs[1]) and node.outputs[0].shape is not None \
                     and all(isinstance(d, int) for d in node.outputs[0].shape):
                 n += int(np.prod(node.outputs[0].shape))
         return int(n)
-
-    def _decoded_from_constants(self, v: Value, depth: int = 12) -> bool:
-        """Whether ``v`` is computed from integer initializers only (through at most ``depth`` nodes)."""
-        p = v.producer
-        if p is None or depth <= 0 or p.graph is not self:
-            return False
-        for x in p.inputs:
-            if x is None:
-                continue
-            if x.is_const:
-                if x.const.dtype.kind not in "iu":
-                    return False
-            elif not self._decoded_from_constants(x, depth - 1):
-                return False
-        return True
 
     def weight_bytes(self) -> int:
         """Bytes of all initializers as stored (4-bit types count half a byte per element)."""
@@ -606,6 +591,37 @@ class Graph:
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"Graph({self.name!r}, {len(self.nodes)} nodes, {len(self.initializers)} initializers)"
+
+
+def constant_chain(v: Value, max_nodes: int = 64) -> list[Node] | None:
+    """The nodes (in dependency order) that compute ``v`` from initializers alone -- a weight decode such
+    as ``codes -> Cast -> Div / Mod -> Gather`` or a DequantizeLinear of a constant -- or None when ``v``
+    depends on a graph input or an unknown value, or the chain has more than ``max_nodes`` nodes. An
+    initializer itself has the empty chain."""
+    order: list[Node] = []
+    seen: set[int] = set()
+
+    def visit(x: Value) -> bool:
+        if x.is_const:
+            return True
+        p = x.producer
+        if p is None:
+            return False
+        if id(p) in seen:
+            return True
+        seen.add(id(p))
+        if len(seen) > max_nodes or not all(i is None or visit(i) for i in p.inputs):
+            return False
+        order.append(p)
+        return True
+
+    return order if visit(v) else None
+
+
+def _integer_chain(v: Value) -> bool:
+    """Whether ``v`` is computed (by at least one node) from integer initializers only: the codes of a codebook."""
+    chain = constant_chain(v)
+    return bool(chain) and all(x.const.dtype.kind in "iu" for n in chain for x in n.inputs if x is not None and x.is_const)
 
 
 def mark_changed(node: Node, pass_name: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .ir import print_graph
-from .ir.graph import Graph, Node
+from .ir.graph import Graph, Node, constant_chain
 
 
 def _key(n: Node) -> str:
@@ -40,14 +40,6 @@ def _attrs(n: Node) -> dict[str, Any]:
     return out
 
 
-def _derived(v, depth: int = 12) -> bool:
-    """Whether ``v`` is computed from initializers only (a DequantizeLinear / codebook decode of a weight)."""
-    p = v.producer
-    if p is None or depth <= 0:
-        return v.is_const
-    return all(x is None or x.is_const or _derived(x, depth - 1) for x in p.inputs)
-
-
 def _weights(n: Node) -> list[tuple[str, Any]]:
     """Per input: ("const", array), ("derived", (shape, producer op)) or ("data", None)."""
     out: list[tuple[str, Any]] = []
@@ -56,7 +48,7 @@ def _weights(n: Node) -> list[tuple[str, Any]]:
             out.append(("none", None))
         elif v.const is not None:
             out.append(("const", v.const))
-        elif v.producer is not None and _derived(v):
+        elif v.producer is not None and constant_chain(v) is not None:
             out.append(("derived", (tuple(v.shape) if v.shape is not None else None, v.producer.op_type)))
         else:
             out.append(("data", None))

@@ -33,40 +33,26 @@ def evaluate_constants(graph, names: Sequence[str]) -> dict[str, np.ndarray]:
     """The values named ``names`` that are computed from initializers only (a decode chain such as
     ``codes -> Cast -> Div / Mod -> Reshape``), evaluated by ONNX Runtime on a copy of the graph cut
     down to the nodes that produce them. A name that depends on a graph input is left out."""
+    from ..ir.graph import constant_chain
     from ..ir.onnx_io import to_onnx_model
     from .ort import session
 
     g = graph.copy()
     by_name = {v.name: v for v in g.iter_values()}
-    out: dict[str, np.ndarray] = {}
     targets = []
-    for n in names:
+    keep: set[int] = set()
+    for n in dict.fromkeys(names):
         v = by_name.get(n)
-        if v is None:
-            continue
-        needed: set[int] = set()
-        stack, ok = [v], True
-        while stack and ok:
-            x = stack.pop()
-            p = x.producer
-            if p is None:
-                ok = x.is_const
-                continue
-            if id(p) in needed:
-                continue
-            needed.add(id(p))
-            stack.extend(i for i in p.inputs if i is not None)
-        if ok:
-            targets.append((v, needed))
+        chain = None if v is None else constant_chain(v)
+        if chain:
+            targets.append(v)
+            keep.update(id(x) for x in chain)
     if not targets:
-        return out
-    keep = set().union(*(t[1] for t in targets))
+        return {}
     for node in reversed(list(g.nodes)):
         if id(node) not in keep:
             g.remove_node(node, force=True)
-    g.outputs[:] = [v for v, _ in targets]
+    g.outputs[:] = targets
     g.inputs[:] = []
     sess = session(to_onnx_model(g, check=False).SerializeToString())
-    for (v, _), arr in zip(targets, sess.run([v.name for v, _ in targets], {})):
-        out[v.name] = arr
-    return out
+    return dict(zip([v.name for v in targets], sess.run([v.name for v in targets], {})))
