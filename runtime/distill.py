@@ -709,14 +709,13 @@ def _ste_restore_latent(ste) -> None:
 
 
 def _ste_requantize(ste) -> None:
-    from .weight_codes import binarize
+    from .weight_codes import binarize_tensor
 
     with torch.no_grad():
         for s in ste:
             p = s["param"]
             s["latent"].copy_(p)
-            q = binarize(p.detach().cpu().numpy(), 0, ternary=s["ternary"])
-            p.copy_(torch.as_tensor(q, device=p.device))
+            p.copy_(binarize_tensor(p, 0, ternary=s["ternary"]))
 
 
 # ========================================================================= evaluate

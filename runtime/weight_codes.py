@@ -9,24 +9,35 @@ from typing import Sequence
 import numpy as np
 
 
-def binarize(w: np.ndarray, out_axis: int, *, ternary: bool = False, threshold: float = 0.7) -> np.ndarray:
-    """``alpha_o * sign(W)`` per output channel ``o`` with ``alpha_o = mean |W_o|`` (XNOR-Net; ``sign(0) = +1``),
-    or with ``ternary`` the TWN rule: ``delta_o = threshold * mean |W_o|``, weights with ``|w| <= delta_o``
-    become 0, the rest ``alpha_o * sign(w)`` with ``alpha_o`` the mean ``|w|`` of those kept. Computed in
-    float64, returned in ``w``'s dtype and layout."""
-    m = np.moveaxis(np.asarray(w, np.float64), out_axis, 0)
+def binarize_tensor(w, out_axis: int = 0, *, ternary: bool = False, threshold: float = 0.7):
+    """``alpha_o * sign(W)`` per output channel ``o`` (the slices along ``out_axis``) with
+    ``alpha_o = mean |W_o|`` (XNOR-Net; ``sign(0) = +1``), or with ``ternary`` the TWN rule:
+    ``delta_o = threshold * mean |W_o|``, weights with ``|w| <= delta_o`` become 0, the rest
+    ``alpha_o * sign(w)`` with ``alpha_o`` the mean ``|w|`` of those kept. ``w`` is a torch tensor
+    (the training loop binarizes its parameters in place, on their device); computed in float64,
+    returned in ``w``'s dtype and layout."""
+    import torch
+
+    m = torch.movedim(w.detach().to(torch.float64), out_axis, 0)
     rows = m.reshape(m.shape[0], -1)
-    a = np.abs(rows)
-    sign = np.where(rows < 0, -1.0, 1.0)
+    a = rows.abs()
+    sign = torch.where(rows < 0, -1.0, 1.0).to(torch.float64)
     if ternary:
-        delta = threshold * a.mean(axis=1, keepdims=True)
-        keep = a > delta
-        cnt = keep.sum(axis=1, keepdims=True)
-        alpha = np.where(cnt > 0, (a * keep).sum(axis=1, keepdims=True) / np.maximum(cnt, 1), 0.0)
+        keep = a > threshold * a.mean(dim=1, keepdim=True)
+        cnt = keep.sum(dim=1, keepdim=True)
+        alpha = (a * keep).sum(dim=1, keepdim=True) / cnt.clamp(min=1)
         q = alpha * sign * keep
     else:
-        q = a.mean(axis=1, keepdims=True) * sign
-    return np.moveaxis(q.reshape(m.shape), 0, out_axis).astype(np.asarray(w).dtype)
+        q = a.mean(dim=1, keepdim=True) * sign
+    return torch.movedim(q.reshape(m.shape), 0, out_axis).to(w.dtype)
+
+
+def binarize(w: np.ndarray, out_axis: int, *, ternary: bool = False, threshold: float = 0.7) -> np.ndarray:
+    """:func:`binarize_tensor` for a numpy weight (the passes' form), returned in its dtype and layout."""
+    import torch
+
+    arr = np.array(w)  # a writable copy (initializers may be read-only views)
+    return binarize_tensor(torch.from_numpy(arr), out_axis, ternary=ternary, threshold=threshold).numpy()
 
 
 def evaluate_constants(graph, names: Sequence[str]) -> dict[str, np.ndarray]:
