@@ -173,9 +173,8 @@ class ClusterWeights(Pass):
         # refit=output: rows of each layer's input in the float model; sequential: also the float outputs,
         # and each layer's input is re-collected from the graph with the layers before it clustered
         rows = layer_input_rows(graph, layers, ctx, o.refit_rows, o.batch_size) if o.refit != "none" else {}
-        targets = {name: r @ _matrix(np.moveaxis(lay.w, lay.out_axis, 0)).astype(np.float64)
-                   for lay in layers for name, r in rows.items() if name == lay.node.name} \
-            if o.refit == "sequential" else {}
+        targets = {lay.node.name: rows[lay.node.name] @ _matrix(np.moveaxis(lay.w, lay.out_axis, 0)).astype(np.float64)
+                   for lay in layers if lay.node.name in rows} if o.refit == "sequential" else {}
         report: dict[str, dict[str, Any]] = {}
         before = after = 0
         changed = False

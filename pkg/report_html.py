@@ -175,11 +175,10 @@ def _plots(report: dict[str, Any], overlays: dict[str, dict[str, float]]) -> str
     for e in report["passes"]:
         cal = (e.get("artifacts") or {}).get("calibration")
         if isinstance(cal, dict) and cal:
+            from .runtime.calibrate import clipped_share
+
             # the tensors whose chosen range clips the most of the data range first
-            def clipped(h):
-                span = (h["max"] - h["min"]) or 1.0
-                return (max(0.0, h["max"] - h["hi"]) + max(0.0, h["lo"] - h["min"])) / span
-            items = sorted(cal.items(), key=lambda kv: -clipped(kv[1]))[:12]
+            items = sorted(cal.items(), key=lambda kv: -clipped_share(kv[1]))[:12]
             legend = ", ".join(f'<span style="color:{c}">{m}</span>' for m, c in _METHOD_COLOURS.items())
             parts.append(f"<h3>{html.escape(e['name'])}: calibration histograms (12 most clipped of {len(cal)}; "
                          f"red: the range {html.escape(str(items[0][1].get('method')))} chose; dashed: what "

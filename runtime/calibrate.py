@@ -525,6 +525,13 @@ def kl_range(h: Histogram, dtype, symmetric: bool, bits: int | None = None) -> t
     return max(h.min, -t), min(h.max, t)
 
 
+def clipped_share(summary: Mapping[str, float]) -> float:
+    """The share of a tensor's data range ``[min, max]`` that its chosen clip range ``[lo, hi]`` cuts off
+    (0 when it covers it all); ``summary`` has those four keys (quantize's calibration artifacts)."""
+    span = (summary["max"] - summary["min"]) or 1.0
+    return (max(0.0, summary["max"] - summary["hi"]) + max(0.0, summary["lo"] - summary["min"])) / span
+
+
 def compute_range(h: Histogram, method: str, *, dtype=np.uint8, symmetric: bool = False,
                   bits: int | None = None, percentile: float = 99.99,
                   threshold: float | None = None) -> tuple[float, float]:

@@ -93,7 +93,7 @@ def run_static(q: "Quantize", graph: Graph, state: QuantRun) -> int:
 def calibrate(q: "Quantize", graph: Graph, state: QuantRun, names: list[str]) -> dict[str, ActQuant]:
     """Activation parameters of ``names``: from ``q.act_overrides`` where given, else from
     histograms collected on the calibration data (kept in ``state.histograms``)."""
-    from ...runtime.calibrate import collect_histograms, compute_qparams, compute_range
+    from ...runtime.calibrate import clipped_share, collect_histograms, compute_qparams, compute_range
 
     o = q.options
     ctx = state.ctx
@@ -116,7 +116,7 @@ def calibrate(q: "Quantize", graph: Graph, state: QuantRun, names: list[str]) ->
             out[n] = ActQuant(s, z, lo, hi)
         summary = {n: _histogram_summary(hists[n], out[n], o.calibration) for n in todo}
         # for the report's plots: what every method would choose, on the 12 tensors the chosen one clips most
-        for n in sorted(todo, key=lambda t: -_clipped_share(summary[t]))[:12]:
+        for n in sorted(todo, key=lambda t: -clipped_share(summary[t]))[:12]:
             ranges = {}
             for m in ("max", "percentile", "mse", "kl"):
                 try:
@@ -131,12 +131,6 @@ def calibrate(q: "Quantize", graph: Graph, state: QuantRun, names: list[str]) ->
             s, z = q.act_overrides[n]
             out[n] = ActQuant(np.float32(s), np.array(z).astype(act_dt)[()])
     return out
-
-
-def _clipped_share(h: dict) -> float:
-    """The share of the data range a chosen clip range cuts off (0 when it covers it all)."""
-    span = (h["max"] - h["min"]) or 1.0
-    return (max(0.0, h["max"] - h["hi"]) + max(0.0, h["lo"] - h["min"])) / span
 
 
 def _histogram_summary(h, q: ActQuant, method: str, bins: int = 48) -> dict:
