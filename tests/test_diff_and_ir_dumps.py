@@ -144,18 +144,27 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+_HEADLESS = ["--headless=new", "--no-sandbox", "--disable-gpu"]
+
+
+def _dom(url: str, budget_ms: int = 20000, timeout: int = 120) -> str:
+    """The DOM of ``url`` after headless Chromium ran its scripts."""
+    import subprocess
+
+    return subprocess.run([_chromium(), *_HEADLESS, f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=timeout).stdout
+
+
 @pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium) for the browser test")
 @pytest.mark.parametrize("expand", [False, True])
 def test_report_html_renders_in_a_real_browser(tmp_path, expand):
     """Headless Chromium runs the page's script (dagre layout + SVG): the graph is drawn, collapsed by
     module path by default and node by node expanded, and the page records its draw time."""
     import re
-    import subprocess
 
     rep = _compile_with_report(tmp_path)
     url = (rep / "report.html").resolve().as_uri() + ("#expand" if expand else "")
-    dom = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = _dom(url)
     m = re.search(r'data-rendered="(\d+)"', dom)
     assert m, dom[-2000:]
     boxes = int(re.search(r'<span id="status">(\d+) boxes', dom).group(1))
@@ -169,7 +178,6 @@ def test_report_html_large_thirdparty_graph_under_5s(tmp_path):
     """PicoDet (615 nodes) quantized to QDQ: 1,567 nodes. The page draws it fully expanded in a real
     browser in under 5 s (measured ~0.9 s here)."""
     import re
-    import subprocess
 
     from nnsculpt.ir import from_onnx
     from nnsculpt.passes import PassManager
@@ -182,9 +190,7 @@ def test_report_html_large_thirdparty_graph_under_5s(tmp_path):
     r = PassManager(parse_pipeline("quantize"), snapshots=True).run(g, PassContext(calib_data=calib))
     assert len(g.nodes) >= 1000
     page = write_report_html(r.report, r.snapshots, tmp_path)
-    dom = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
-                          "--dump-dom", page.resolve().as_uri() + "#expand"], capture_output=True, text=True,
-                         timeout=180).stdout
+    dom = _dom(page.resolve().as_uri() + "#expand", 60000, 180)
     ms = int(re.search(r'data-rendered="(\d+)"', dom).group(1))
     assert int(re.search(r'<span id="status">(\d+) boxes', dom).group(1)) == len(g.nodes)
     assert ms < 5000, ms
@@ -318,9 +324,7 @@ def test_report_html_of_a_real_pipeline_on_a_thirdparty_model_in_chromium(tmp_pa
     assert [s["label"] for s in r.snapshots] == ["input", "fold-bn", "prune-channels", "quantize"]
     page = write_report_html(r.report, r.snapshots, tmp_path)
     url = page.resolve().as_uri() + "#expand&overlay=macs&base=0"
-    cmd = [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000"]
-    dom = subprocess.run(cmd + ["--virtual-time-budget=30000", "--dump-dom", url], capture_output=True, text=True,
-                         timeout=180).stdout
+    dom = _dom(url, 30000, 180)
     assert re.search(r'data-rendered="\d+"', dom), dom[-1500:]
     assert "data-errors" not in dom, re.search(r'data-errmsg="([^"]*)"', dom)
     boxes = int(re.search(r'<span id="status">(\d+) boxes', dom).group(1))
@@ -331,8 +335,8 @@ def test_report_html_of_a_real_pipeline_on_a_thirdparty_model_in_chromium(tmp_pa
     assert re.search(r"vs input:</b> \d+ added, \d+ changed, \d+ removed", side)
     assert 'class="node added"' in dom or 'class="node changed"' in dom
     shot = tmp_path / "report.png"
-    subprocess.run(cmd + ["--virtual-time-budget=30000", f"--screenshot={shot}", url], capture_output=True,
-                   timeout=180)
+    subprocess.run([_chromium(), *_HEADLESS, "--window-size=1400,2000", "--virtual-time-budget=30000",
+                    f"--screenshot={shot}", url], capture_output=True, timeout=180)
     assert shot.exists() and shot.stat().st_size > 10_000
     if os.environ.get("NNSCULPT_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["NNSCULPT_SCREENSHOTS"]) / "report_pplcnet.png")
@@ -341,7 +345,6 @@ def test_report_html_of_a_real_pipeline_on_a_thirdparty_model_in_chromium(tmp_pa
 @pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium) for the browser test")
 def test_diff_html_draws_b_against_a_in_chromium(tmp_path):
     import re
-    import subprocess
 
     a = tmp_path / "a.onnx"
     assert cli_main(["compile", "zoo:digits_resnet", "-p", "fold-bn", "-o", str(a)]) == 0
@@ -349,9 +352,7 @@ def test_diff_html_draws_b_against_a_in_chromium(tmp_path):
     assert cli_main(["compile", str(a), "-p", "cluster-weights{bits=4}", "-o", str(b)]) == 0
     page = tmp_path / "d.html"
     assert cli_main(["diff", str(a), str(b), "-o", str(page)]) == 0
-    dom = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
-                          "--dump-dom", page.resolve().as_uri() + "#expand&overlay=drift%20rel_l2"],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = _dom(page.resolve().as_uri() + "#expand&overlay=drift%20rel_l2")
     assert re.search(r'data-rendered="\d+"', dom) and "data-errors" not in dom
     assert int(re.search(r'<span id="status">(\d+) boxes', dom).group(1)) == 64
     assert 'class="node added"' in dom and 'class="node changed"' in dom
@@ -363,7 +364,6 @@ def test_report_overlays_removed_share_and_calibration_methods(tmp_path):
     """prune-channels{ratio=0.5}: the 'Δ channels vs compare' overlay against the input colours the
     pruned convs (legend up to 0.5); quantize's plotted histograms carry every method's range."""
     import re
-    import subprocess
 
     from nnsculpt.models.data import digits_npz
 
@@ -377,8 +377,7 @@ def test_report_overlays_removed_share_and_calibration_methods(tmp_path):
     assert len(with_ranges) == min(12, len(cal))
     assert all(set(h["ranges"]) == {"max", "percentile", "mse", "kl"} for h in with_ranges)
     url = (rep / "report.html").resolve().as_uri() + "#expand&stage=2&base=0&overlay=" + "Δ channels vs compare"
-    dom = subprocess.run([_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = _dom(url)
     assert "data-errors" not in dom
     legend = dom.split('<span id="legend">')[1].split("</span>")[0]
     assert re.search(r"0 \.\. 0\.500", legend), legend
