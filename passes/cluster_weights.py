@@ -290,7 +290,7 @@ class ClusterWeights(Pass):
                                  "shape": list(w.shape), "bits": o.bits, "granularity": o.granularity,
                                  "groups": len(groups), "centroids": int(used), "zero_pinned": bool(pinned),
                                  "bytes_before": int(w.nbytes), **entry_refit}
-        dq = step is not None and o.bits <= 8
+        dq = step is not None
 
         def build(graph: Graph) -> np.ndarray:
             if dq:
@@ -302,12 +302,8 @@ class ClusterWeights(Pass):
                 entry["bytes_after"] = int(q.nbytes + scale.size * w.itemsize)
                 replace_with_dequantize(graph, lay, q, scale.astype(w.dtype), self.name)
                 return dense
-            offsets = None
-            if len(groups) > 1:
-                off = np.repeat(np.arange(len(groups), dtype=np.int64) * k, [b - a for a, b in groups])
-                shape = [1] * w.ndim
-                shape[lay.out_axis] = n_out
-                offsets = off.reshape(shape)
+            # the code offset of each output channel's codebook, in the weight's layout
+            offsets = np.moveaxis(grp * k, 0, lay.out_axis).astype(np.int64) if len(groups) > 1 else None
             flat_codes = np.moveaxis(codes, 0, lay.out_axis)
             stored = _build_gather(graph, lay, flat_codes, books.reshape(-1), o.bits, o.pack, offsets, self.name)
             entry["storage"] = "gather"
@@ -651,8 +647,12 @@ def _pq_rows(w: np.ndarray, lay: _Layer) -> np.ndarray:
 
 
 def _pq_unrows(rows: np.ndarray, w: np.ndarray, lay: _Layer) -> np.ndarray:
-    m_shape = np.moveaxis(np.empty(w.shape, np.int8), lay.out_axis, 0).shape
-    return np.moveaxis(rows.reshape(m_shape), 0, lay.out_axis)
+    return np.moveaxis(rows.reshape(_moved_shape(w.shape, lay.out_axis)), 0, lay.out_axis)
+
+
+def _moved_shape(shape: tuple, axis: int) -> tuple[int, ...]:
+    """``shape`` with ``axis`` moved to the front (the layout of ``np.moveaxis(w, axis, 0)``)."""
+    return (int(shape[axis]),) + tuple(int(d) for i, d in enumerate(shape) if i != axis)
 
 
 # ============================================================================ lowering
@@ -725,7 +725,7 @@ def _build_gather(g: Graph, lay: _Layer, codes: np.ndarray, book: np.ndarray, bi
         y = add("Gather", [bv, x], {"axis": 0}, dtype=w.dtype, shape=code_shape)
     else:
         y = add("Gather", [bv, x], {"axis": 0}, dtype=w.dtype, shape=code_shape + (book.shape[1],))
-        m_shape = tuple(np.moveaxis(np.empty(w.shape, np.int8), lay.out_axis, 0).shape)
+        m_shape = _moved_shape(w.shape, lay.out_axis)
         y = add("Reshape", [y, g.add_initializer(f"{base}.w_shape", np.array(m_shape, np.int64))],
                 dtype=w.dtype, shape=m_shape)
         if lay.out_axis != 0:
