@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
-import onnx
 
 from .. import __version__
 from ..ir.analysis import graph_stats, snapshot
@@ -246,18 +245,19 @@ class PassManager:
                                   **_max_rel(state["ref"], state["prev"])}
         report["warnings"] = state["warnings"]
         if stage_models:
-            report["stage_latency"] = self._time_stages(stage_models, state.get("inputs"), ctx)
+            report["stage_latency"] = self._time_stages(stage_models, graph, state.get("inputs"), ctx)
         return RunResult(graph, report, ctx, state["results"], snaps)
 
     @staticmethod
-    def _time_stages(models: list[tuple[int, str, bytes]], inputs: Any, ctx: PassContext) -> list[dict[str, Any]]:
+    def _time_stages(models: list[tuple[int, str, bytes]], graph: Graph, inputs: Any,
+                     ctx: PassContext) -> list[dict[str, Any]]:
         """ORT latency of the input and of the graph after every pass that changed it: one sample (the
-        first of the drift check's inputs, else generated), 1 thread, median of interleaved rounds."""
-        from ..ir.onnx_io import from_onnx_model
+        first of the drift check's inputs, else generated from the graph's input types -- passes keep the
+        interface), 1 thread, median of interleaved rounds."""
         from ..runtime.ort import interleaved_median, iter_elements, make_inputs, single_thread_sessions, take_samples
 
         feed = next(iter_elements(take_samples(inputs, 1))) if inputs is not None else \
-            make_inputs(from_onnx_model(onnx.load_from_string(models[0][2])), batch=1, seed=ctx.seed)
+            make_inputs(graph, batch=1, seed=ctx.seed)
         sessions = single_thread_sessions({f"{i}": b for i, _, b in models})
         t = interleaved_median(sessions, feed, rounds=7, inner=5, warmup=3)
         base = t["0"]
